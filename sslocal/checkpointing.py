@@ -1,0 +1,145 @@
+"""Orbax checkpoints: the only module that imports orbax.
+
+A training workdir holds
+    config.json                 the run's config (the model's shape is read back from it)
+    checkpoints/<step>/         "latest": train state + the Grain iterator state, so a resumed
+                                run continues from the same data position
+    best/<step>/                the train state of the evaluation with the best cIoU
+A converted or exported model directory holds model.json and one "model" item.
+
+Orbax writes every step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+MODEL_JSON = "model.json"
+CONFIG_JSON = "config.json"
+
+
+class Checkpointer:
+    """The latest (with data-iterator state) and best checkpoints of one training workdir."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 2, best_metric: str = "cIoU",
+                 asynchronous: bool = True):
+        workdir = Path(workdir).absolute()
+        self._latest = ocp.CheckpointManager(
+            workdir / LATEST_DIR,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()},
+        )
+        self._best = ocp.CheckpointManager(
+            workdir / BEST_DIR,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, enable_async_checkpointing=asynchronous,
+                best_fn=lambda metrics: metrics[best_metric], best_mode="max"),
+            item_handlers={"state": ocp.StandardCheckpointHandler()},
+        )
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any = None, *, force: bool = False):
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self._latest.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def save_best(self, step: int, state: Any, metrics: dict[str, float]) -> None:
+        """Keeps `state` if `metrics` beat the best so far (the manager compares and prunes)."""
+        self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                        metrics={k: float(v) for k, v in metrics.items()}, force=True)
+
+    def restore(self, state_like: Any, data_iterator: Any = None, step: int | None = None):
+        """The latest (or `step`'s) train state, shaped and sharded like `state_like`; the data
+        iterator, if given, is restored in place. None when there is nothing to resume."""
+        step = self._latest.latest_step() if step is None else step
+        if step is None:
+            return None
+        items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self._latest.restore(step, args=ocp.args.Composite(**items)).state
+
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()
+
+
+def _abstract(tree: Any) -> Any:
+    """Shape, dtype and sharding of every leaf: what Orbax restores into."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def save_model(directory: str | Path, model_config: dict, params: Any, batch_stats: Any) -> Path:
+    """Writes a self-describing model directory (used by `sslocal convert` and exports)."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "model", {"params": params, "batch_stats": batch_stats},
+                          force=True)
+    (directory / MODEL_JSON).write_text(json.dumps(model_config, indent=2))
+    return directory
+
+
+def read_model_config(path: str | Path) -> dict:
+    """The model's shape (width, embed_dim, ...) of a workdir or a model directory."""
+    path = Path(path)
+    if (path / MODEL_JSON).exists():
+        return json.loads((path / MODEL_JSON).read_text())
+    if (path / CONFIG_JSON).exists():
+        return json.loads((path / CONFIG_JSON).read_text())["model"]
+    raise FileNotFoundError(
+        f"{path} is neither a training workdir (no {CONFIG_JSON}) nor a model directory "
+        f"(no {MODEL_JSON}); pass the --workdir of a run or the output of `sslocal convert`")
+
+
+def load_model_variables(path: str | Path, params_like: Any, batch_stats_like: Any,
+                         which: str = "best") -> tuple[Any, Any, str]:
+    """Params and batch stats from a model directory or a training workdir.
+
+    In a workdir `which` picks "best" (falling back to the latest when no evaluation ran) or
+    "latest". Returns (params, batch_stats, a description of what was loaded).
+    """
+    path = Path(path).absolute()
+    target = {"params": params_like, "batch_stats": batch_stats_like}
+    if (path / MODEL_JSON).exists():
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "model", _abstract(target))
+        return restored["params"], restored["batch_stats"], str(path)
+    for kind in ([BEST_DIR, LATEST_DIR] if which == "best" else [LATEST_DIR]):
+        if not (path / kind).exists():
+            continue
+        manager = ocp.CheckpointManager(path / kind, item_handlers={
+            "state": ocp.StandardCheckpointHandler()})
+        step = manager.best_step() if kind == BEST_DIR else manager.latest_step()
+        if step is None:
+            manager.close()
+            continue
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": params_like, "batch_stats": batch_stats_like},
+                restore_args=jax.tree.map(
+                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
+                    if isinstance(x, jax.Array) else ocp.RestoreArgs(), target),
+                partial_restore=True)))
+        manager.close()
+        state = restored.state
+        return state["params"], state["batch_stats"], f"{path / kind}/{step}"
+    raise FileNotFoundError(f"no checkpoint in {path}: expected {BEST_DIR}/ or {LATEST_DIR}/")

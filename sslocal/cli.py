@@ -1,0 +1,142 @@
+"""`sslocal train|evaluate|prepare|localize|convert|benchmark|study`: flags in, library calls out.
+
+All logic lives in importable modules; this file only parses flags and reports user errors
+(a missing file, a bad config value, ...) as one line and a non-zero exit, without a traceback
+(SSLOCAL_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ("train", "evaluate", "prepare", "localize", "convert", "benchmark", "study")
+USAGE = f"usage: sslocal {{{'|'.join(COMMANDS)}}} [flags]   (sslocal COMMAND --help for flags)"
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "train: where checkpoints, metrics and reports go")
+flags.DEFINE_string("coordinator_address", "", "multi-host GPU: host:port of process 0")
+flags.DEFINE_integer("num_processes", 0, "multi-host GPU: number of processes")
+flags.DEFINE_integer("process_id", -1, "multi-host GPU: this process's index")
+flags.DEFINE_multi_string("checkpoint", [], "evaluate/localize: a workdir or a model directory "
+                          "(repeat to compare several models side by side)")
+flags.DEFINE_bool("ogl", False, "evaluate/localize: also the object-guided (OGL) maps")
+flags.DEFINE_bool("report", False, "evaluate: write report.html with plots and overlays")
+flags.DEFINE_string("out", None, "evaluate/localize/benchmark: output directory")
+flags.DEFINE_string("dataset", None, "prepare/evaluate/benchmark input: TFDS name/config")
+flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
+flags.DEFINE_string("data_dir", None, "prepare: where TFDS datasets live (default: config's)")
+flags.DEFINE_string("video", None, "localize: a video file")
+flags.DEFINE_string("image", None, "localize: an image file (with --audio)")
+flags.DEFINE_string("audio", None, "localize: an audio file (with --image)")
+flags.DEFINE_float("every", 1.0, "localize: seconds between the steps of a video")
+flags.DEFINE_list("margins", ["0.2", "0", "-0.1", "-0.2", "-0.3", "-0.4"], "study margin: margins")
+flags.DEFINE_integer("seeds", 3, "study margin: seeds per margin")
+FLAGS = flags.FLAGS
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported in one line, no traceback."""
+
+
+def _config():
+    if _CONFIG.value is None:
+        raise UserError("--config is required (e.g. --config configs/synthetic.py)")
+    return _CONFIG.value
+
+
+def _require(name: str):
+    value = getattr(FLAGS, name)
+    if value in (None, [], ""):
+        raise UserError(f"--{name} is required")
+    return value
+
+
+def _dispatch(command: str, args: list[str]) -> None:
+    if command == "train":
+        from sslocal import sharding, train
+
+        sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                        FLAGS.process_id)
+        train.train_and_evaluate(_config(), _require("workdir"))
+    elif command == "evaluate":
+        from sslocal import evaluate
+
+        evaluate.main(_config(), _require("checkpoint"), ogl=FLAGS.ogl, report=FLAGS.report,
+                      out=FLAGS.out, dataset=FLAGS.dataset)
+    elif command == "prepare":
+        from sslocal.data import prepare
+
+        data_dir = FLAGS.data_dir or (_CONFIG.value.data_dir if _CONFIG.value else None)
+        prepare.prepare(_require("dataset"), root=FLAGS.root, data_dir=data_dir)
+    elif command == "localize":
+        from sslocal import localize
+
+        localize.main(checkpoint=_require("checkpoint")[0], video=FLAGS.video,
+                      image=FLAGS.image, audio=FLAGS.audio, every=FLAGS.every, ogl=FLAGS.ogl,
+                      out=_require("out"), config=_CONFIG.value)
+    elif command == "convert":
+        from sslocal.models import factory
+
+        if len(args) != 2:
+            raise UserError("usage: sslocal convert IN.pth OUT_DIR")
+        factory.convert_checkpoint(args[0], args[1])
+    elif command == "benchmark":
+        from sslocal import benchmark
+
+        if len(args) != 1 or args[0] not in benchmark.KINDS:
+            kinds = "|".join(benchmark.KINDS)
+            raise UserError(f"usage: sslocal benchmark {{{kinds}}} --config ...")
+        benchmark.main(args[0], _config(), out=FLAGS.out, dataset=FLAGS.dataset)
+    elif command == "study":
+        from sslocal import study
+
+        if args != ["margin"]:
+            raise UserError("usage: sslocal study margin --config ... --margins=... --seeds=N")
+        study.margin_study(_config(), [float(m) for m in FLAGS.margins], FLAGS.seeds,
+                           _require("workdir"))
+
+
+def _add_config_dir_to_path(argv: list[str]) -> None:
+    """Experiment configs import `configs.default`: make the folder holding configs/ importable."""
+    for i, arg in enumerate(argv):
+        path = None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        if path:
+            sys.path.insert(0, str(Path(path.split(":")[0]).absolute().parent.parent))
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        sys.exit(2)
+    command = argv.pop(1)
+    _add_config_dir_to_path(argv)
+
+    def main(args: list[str]) -> None:
+        logging.getLogger().setLevel(logging.INFO)
+        try:
+            _dispatch(command, args[1:])
+        except (UserError, ValueError, FileNotFoundError, IsADirectoryError,
+                FloatingPointError) as error:
+            if os.environ.get("SSLOCAL_DEBUG"):
+                raise
+            print(f"sslocal {command}: error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()

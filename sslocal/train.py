@@ -1,0 +1,214 @@
+"""Training: the train state, one jitted step on the global batch, and the training loop."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from sslocal import checkpointing, evaluate, losses, sharding
+from sslocal.data import pipeline
+from sslocal.data import prepare as data_prepare
+from sslocal.models import factory
+from sslocal.writers import MetricWriter, progress
+
+logger = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. The data position lives in the Grain iterator, and there is no
+    device-side randomness (augmentation is seeded per record in the loader)."""
+
+    step: jax.Array
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """PyTorch's Adam(weight_decay=wd): L2 added to the gradient before Adam (not AdamW)."""
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.adam(config.learning_rate))
+
+
+def loss_from_config(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
+    """The configured loss with those of the config's hyper-parameters that it takes."""
+    fn = losses.get_loss(config.loss)
+    accepted = inspect.signature(fn).parameters
+    kwargs = {name: config[name] for name in ("margin", "tau", "epsilon", "epsilon2", "beta")
+              if name in accepted}
+    return lambda V, A: fn(V, A, **kwargs)
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                       tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh model (image tower from torchvision weights when configured), replicated."""
+    model = factory.build_model(config.model, seed=config.seed)
+    model.train()
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params))
+    return graphdef, jax.device_put(state, sharding.replicated(mesh))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_fn: Callable, mesh: jax.sharding.Mesh):
+    """One jitted step: towers on the global batch -> loss -> coupled-L2 Adam update.
+
+    The state is donated and comes back replicated. A step whose loss or gradient is not finite
+    leaves the state as it was and reports `finite=False`, so no NaN ever reaches a parameter
+    or a checkpoint; the host loop raises on it.
+    """
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_and_stats(params):
+            model = nnx.merge(graphdef, params, state.batch_stats)
+            V, A = model(batch["image"], batch["spec"])
+            return loss_fn(V, A), nnx.state(model, nnx.BatchStat)
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
+                               opt_state=opt_state)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Every mistake that can be seen before compiling: one clear message each."""
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_batch_size(config.eval_batch_size, mesh)
+    losses.get_loss(config.loss)
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be float32 or bfloat16, not {config.model.dtype!r}")
+    factory.check_weights_files(config.model)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains per `config`, evaluating each epoch; resumes from `workdir` when it holds a run.
+
+    Returns the last evaluation's metrics (and the best's, if evaluation ran).
+    """
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh()
+    validate_config(config, mesh)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / checkpointing.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
+
+    train_source = data_prepare.load_split(config.train_dataset, "train", config.data_dir,
+                                           root=config.data_root)
+    steps_per_epoch = len(train_source) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{config.train_dataset} has {len(train_source)} training clips, "
+                         f"fewer than one batch of {config.batch_size}")
+    total_steps = config.num_epochs * steps_per_epoch
+    if config.max_steps > 0:
+        total_steps = min(total_steps, config.max_steps)
+    train_iter = pipeline.train_loader(
+        train_source, global_batch_size=config.batch_size, image_size=config.image_size,
+        seed=config.seed, worker_count=config.worker_count)
+    test_sets = {name: data_prepare.load_split(name, "test", config.data_dir)
+                 for name in config.test_datasets}
+
+    tx = make_optimizer(config)
+    graphdef, state = create_train_state(config, mesh, tx)
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    restored = checkpointer.restore(state, train_iter)
+    if restored is not None:
+        state = restored
+        logger.info("resumed from %s at step %d", workdir, int(state.step))
+    train_step = make_train_step(graphdef, tx, loss_from_config(config), mesh)
+    evaluator = evaluate.Evaluator(config, graphdef, mesh)
+
+    writer = MetricWriter(workdir, enabled=is_main)
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    start_step = int(state.step)
+    results: dict[str, Any] = {}
+    pending: list[tuple[int, dict]] = []
+    bar = progress(total=total_steps, initial=start_step, desc="train", disable=not is_main)
+    last_time, last_step = time.perf_counter(), start_step
+
+    def flush_metrics(step: int) -> None:
+        """Fetches the queued step metrics (the only host sync in the loop) and checks them."""
+        nonlocal last_time, last_step
+        fetched = jax.device_get([m for _, m in pending])
+        for (s, _), m in zip(pending, fetched, strict=True):
+            if not m["finite"]:
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}); the "
+                    f"state was left at step {s - 1} and the last checkpoint is intact")
+        if fetched:
+            now = time.perf_counter()
+            rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            mean = {k: float(np.mean([m[k] for m in fetched])) for k in ("loss", "grad_norm")}
+            writer.write(step, {**mean, "samples_per_second": rate}, prefix="train")
+            bar.set_postfix(loss=f"{mean['loss']:.4f}", samples_s=f"{rate:,.0f}")
+        pending.clear()
+
+    try:
+        batch = sharding.to_global(next(train_iter), mesh) if start_step < total_steps else None
+        for step in range(start_step + 1, total_steps + 1):
+            state, metrics = train_step(state, batch)
+            pending.append((step, metrics))
+            if step < total_steps:  # host work on the next batch overlaps the device step
+                batch = sharding.to_global(next(train_iter), mesh)
+            bar.update(1)
+            end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+            save = step % config.checkpoint_every_steps == 0 or end_of_epoch
+            if step % config.log_every_steps == 0 or save or preempted:
+                flush_metrics(step)  # never checkpoint a step whose loss was not checked
+            if preempted:
+                raise _Preempted
+            if save:
+                checkpointer.save(step, state, train_iter, force=True)
+            epoch = -(-step // steps_per_epoch)
+            if test_sets and end_of_epoch and (epoch % config.eval_every_epochs == 0
+                                               or step == total_steps):
+                results = evaluator.run_all(state.params, state.batch_stats, test_sets)
+                for name, metrics_ in results.items():
+                    writer.write(step, {k: v for k, v in metrics_.items()
+                                        if isinstance(v, int | float)}, prefix=f"eval/{name}")
+                primary = results[config.test_datasets[0]]
+                checkpointer.save_best(step, state, {"cIoU": primary["cIoU"]})
+    except _Preempted:
+        step = int(state.step)
+        logger.warning("SIGTERM: saving a checkpoint at step %d before exiting", step)
+        checkpointer.save(step, state, train_iter, force=True)
+        results = {"preempted_at_step": step}
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    if is_main and results:
+        (workdir / "final_metrics.json").write_text(json.dumps(results, indent=2))
+    return results
