@@ -1,0 +1,104 @@
+"""EZ-VSL audio-visual model (PROTOCOL 2): image map V (B,h,w,D), audio embedding A (B,D).
+
+Attribute names match the PyTorch reference state dict (imgnet, img_proj, audnet, aud_proj).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sslocal.models.resnet import ResNet18, conv_init, jit_init
+
+_TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+
+
+@jit_init
+def dense_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Truncated normal (at +-2 sigma), rescaled so the values have std 0.01 (PROTOCOL 2)."""
+    z = jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), dtype)
+    return (0.01 / _TRUNC_STD) * z.reshape(shape)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps), as torch.nn.functional.normalize; finite gradient at x = 0."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """(B, h, w, C) -> (B, C), the gradient routed to one argmax position (as PyTorch's
+    adaptive_max_pool2d). jnp.max's gradient instead re-finds the maximum by equality with a
+    recomputed forward value, which XLA may fuse differently (seen: wrong audio-tower gradients
+    with train-mode BatchNorm on a batch-sharded mesh)."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    index = jnp.argmax(flat, axis=1)
+    return jnp.take_along_axis(flat, index[:, None, :], axis=1)[:, 0]
+
+
+class AudioVisualModel(nnx.Module):
+    """Image tower (ResNet18 + 1x1 conv) and audio tower (1-channel ResNet18 + max pool + dense)."""
+
+    def __init__(
+        self,
+        *,
+        width: int = 64,
+        embed_dim: int = 512,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.width = width
+        self.embed_dim = embed_dim
+        feat = 8 * width
+        self.imgnet = ResNet18(in_channels=3, width=width, dtype=dtype, rngs=rngs)
+        self.img_proj = nnx.Conv(
+            feat,
+            embed_dim,
+            (1, 1),
+            use_bias=True,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=conv_init,
+            rngs=rngs,
+        )
+        self.audnet = ResNet18(in_channels=1, width=width, dtype=dtype, rngs=rngs)
+        self.aud_proj = nnx.Linear(
+            feat,
+            embed_dim,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=dense_init,
+            rngs=rngs,
+        )
+
+    def encode_image(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, 3) -> V (B, ceil(H/32), ceil(W/32), D) float32, unit norm over D."""
+        v = self.img_proj(self.imgnet(images))
+        return l2_normalize(v.astype(jnp.float32))
+
+    def encode_audio(self, spec: jax.Array) -> jax.Array:
+        """(B, F, T, 1) log spectrogram -> A (B, D) float32, unit norm."""
+        f = global_max_pool(self.audnet(spec))
+        a = self.aud_proj(f)
+        return l2_normalize(a.astype(jnp.float32))
+
+    def __call__(self, images: jax.Array, spec: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.encode_image(images), self.encode_audio(spec)
+
+
+def response_map(V: jax.Array, A: jax.Array, *, out_sharding=None) -> jax.Array:
+    """alpha[i, j, h, w] = <V_i[h, w], A_j>: (B, h, w, D), (B', D) -> (B, B', h, w) float32.
+
+    `out_sharding` is passed to jnp.einsum (needed on meshes with explicit axes, DESIGN.md).
+    """
+    V = V.astype(jnp.float32)
+    A = A.astype(jnp.float32)
+    return jnp.einsum("ihwd,jd->ijhw", V, A, out_sharding=out_sharding)
+
+
+def diagonal_map(V: jax.Array, A: jax.Array) -> jax.Array:
+    """alpha_ii[h, w] = <V_i[h, w], A_i>: (B, h, w, D), (B, D) -> (B, h, w) float32."""
+    return jnp.einsum("ihwd,id->ihw", V.astype(jnp.float32), A.astype(jnp.float32))

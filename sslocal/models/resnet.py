@@ -1,0 +1,152 @@
+"""ResNet18 (torchvision layout) in Flax NNX, NHWC, returning the final stride-32 feature map.
+
+Attribute names follow torchvision (conv1, bn1, layer1..layer4, downsample.0 / downsample.1) so a
+PyTorch state dict maps onto the NNX state path by path (see convert.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def jit_init(init):
+    """One compiled program per shape: eager model construction on CPU is dominated by
+    compiling every primitive of every initializer separately."""
+    return jax.jit(init, static_argnums=(1, 2))
+
+
+def _normal(key: jax.Array, shape, dtype) -> jax.Array:
+    # Drawn flat, then reshaped: 1-D random programs compile several times faster on CPU.
+    return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
+
+
+@jit_init
+def conv_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Kaiming normal, fan-out, ReLU gain (PROTOCOL 2): std = sqrt(2 / (kh * kw * out)).
+
+    Untruncated, like torch.nn.init.kaiming_normal_. Kernel layout HWIO.
+    """
+    fan_out = math.prod(shape[:-2]) * shape[-1]
+    return math.sqrt(2.0 / fan_out) * _normal(key, shape, dtype)
+
+
+@jit_init
+def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """BatchNorm scale ~ N(1, 0.02) (PROTOCOL 2)."""
+    return 1.0 + 0.02 * _normal(key, shape, dtype)
+
+
+def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # Flax momentum 0.9 == PyTorch momentum 0.1.
+    return nnx.BatchNorm(
+        features,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=bn_scale_init,
+        rngs=rngs,
+    )
+
+
+def conv(in_ch: int, out_ch: int, k: int, stride: int, pad: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit symmetric padding as in torch; 'SAME' would pad asymmetrically at stride 2.
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (k, k),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        rngs=rngs,
+    )
+
+
+class BasicBlock(nnx.Module):
+    """Two 3x3 convolutions with a residual connection (torchvision BasicBlock)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.conv1 = conv(in_ch, out_ch, 3, stride, 1, dtype, rngs)
+        self.bn1 = batch_norm(out_ch, dtype, rngs)
+        self.conv2 = conv(out_ch, out_ch, 3, 1, 1, dtype, rngs)
+        self.bn2 = batch_norm(out_ch, dtype, rngs)
+        if stride != 1 or in_ch != out_ch:
+            # Indexed like torchvision's nn.Sequential: downsample.0 (conv), downsample.1 (bn).
+            self.downsample = nnx.List(
+                [conv(in_ch, out_ch, 1, stride, 0, dtype, rngs), batch_norm(out_ch, dtype, rngs)]
+            )
+        else:
+            self.downsample = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        if self.downsample is not None:
+            ds_conv, ds_bn = self.downsample
+            x = ds_bn(ds_conv(x))
+        return nnx.relu(y + x)
+
+
+class ResNet18(nnx.Module):
+    """ResNet18 trunk without average pool and classifier.
+
+    Input (B, H, W, in_channels); output (B, ceil(H/32), ceil(W/32), 8 * width) in `dtype`.
+    Parameters are always float32; `dtype` is the compute dtype.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 3,
+        width: int = 64,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_channels = in_channels
+        self.width = width
+        self.dtype = dtype
+        self.conv1 = conv(in_channels, width, 7, 2, 3, dtype, rngs)
+        self.bn1 = batch_norm(width, dtype, rngs)
+        in_ch = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            out_ch = width * mult
+            stride = 1 if i == 0 else 2
+            blocks = [
+                BasicBlock(in_ch, out_ch, stride, dtype=dtype, rngs=rngs),
+                BasicBlock(out_ch, out_ch, 1, dtype=dtype, rngs=rngs),
+            ]
+            setattr(self, f"layer{i + 1}", nnx.List(blocks))
+            in_ch = out_ch
+
+    @property
+    def out_features(self) -> int:
+        return 8 * self.width
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"ResNet18 expects (B, H, W, {self.in_channels}) NHWC input, got {x.shape}"
+            )
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        # torch MaxPool2d(3, 2, padding=1) pads with -inf, as max_pool does.
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x = block(x)
+        return x
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of trainable scalars (nnx.Param only; BatchNorm running statistics excluded).
+
+    Works on abstract modules from nnx.eval_shape as well.
+    """
+    params = nnx.state(module, nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

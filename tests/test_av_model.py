@@ -1,0 +1,181 @@
+"""AudioVisualModel: shapes, dtypes, normalisation, initialisation, response maps."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sslocal.models.av_model import AudioVisualModel, diagonal_map, l2_normalize, response_map
+from sslocal.models.resnet import count_params
+
+WIDTH, DIM = 8, 32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_compile():
+    """Compile time dominates these tiny models; restore the setting for other test files."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = AudioVisualModel(width=WIDTH, embed_dim=DIM, rngs=nnx.Rngs(0))
+    m.eval()
+    return m
+
+
+forward = nnx.jit(lambda m, images, spec: m(images, spec))
+# Outputs and the two trunks' feature maps, compiled once per shape.
+towers = nnx.jit(lambda m, images, spec: (*m(images, spec), m.imgnet(images), m.audnet(spec)))
+
+
+def _inputs(batch, hw, ft, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return (
+        jax.random.normal(k1, (batch, *hw, 3)),
+        jax.random.normal(k2, (batch, *ft, 1)),
+    )
+
+
+@pytest.mark.parametrize(
+    "hw, ft, vmap",
+    [((224, 224), (257, 200), (7, 7)), ((64, 64), (65, 40), (2, 2))],
+)
+def test_shapes_dtypes_unit_norm(model, hw, ft, vmap):
+    V, A = forward(model, *_inputs(3, hw, ft))
+    assert V.shape == (3, *vmap, DIM) and V.dtype == jnp.float32
+    assert A.shape == (3, DIM) and A.dtype == jnp.float32
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(V, np.float64), axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(A, np.float64), axis=-1), 1.0, atol=1e-5)
+
+
+def test_paper_shapes_and_counts_width64():
+    abstract = nnx.eval_shape(lambda: AudioVisualModel(rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    V, A = jax.eval_shape(
+        lambda s, x, y: nnx.merge(graphdef, s)(x, y),
+        state,
+        jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32),
+        jax.ShapeDtypeStruct((2, 257, 200, 1), jnp.float32),
+    )
+    assert V.shape == (2, 7, 7, 512) and A.shape == (2, 512)
+    assert V.dtype == A.dtype == jnp.float32
+    assert count_params(abstract.imgnet) == 11_176_512
+    assert count_params(abstract.audnet) == 11_170_240
+    assert count_params(abstract.img_proj) == count_params(abstract.aud_proj) == 512 * 512 + 512
+    assert count_params(abstract) == 11_176_512 + 11_170_240 + 2 * (512 * 512 + 512)
+
+
+def test_bfloat16_gives_float32_outputs_and_params():
+    m = AudioVisualModel(width=WIDTH, embed_dim=DIM, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    m.eval()
+    images, spec = _inputs(2, (64, 64), (65, 40))
+    V, A, fmap, amap = towers(m, images, spec)
+    assert V.dtype == A.dtype == jnp.float32
+    assert fmap.dtype == amap.dtype == jnp.bfloat16
+    leaves = jax.tree.leaves(nnx.state(m, (nnx.Param, nnx.BatchStat)))
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(A), axis=-1), 1.0, atol=1e-5)
+
+
+def test_towers_against_numpy(model):
+    """1x1 projection + L2 norm and global max pool + dense + L2 norm, recomputed in float64."""
+    images, spec = _inputs(2, (64, 64), (65, 40), seed=1)
+    V, A, fmap, amap = towers(model, images, spec)
+    fmap, amap = np.asarray(fmap, np.float64), np.asarray(amap, np.float64)
+    wv = np.asarray(model.img_proj.kernel[...], np.float64)[0, 0]
+    bv = np.asarray(model.img_proj.bias[...], np.float64)
+    wa = np.asarray(model.aud_proj.kernel[...], np.float64)
+    ba = np.asarray(model.aud_proj.bias[...], np.float64)
+    v = fmap @ wv + bv
+    v = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    a = amap.max(axis=(1, 2)) @ wa + ba
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(V), v, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(A), a, atol=1e-5)
+
+
+def test_l2_normalize_like_torch():
+    x = jnp.array([[3.0, 4.0], [0.0, 0.0], [1e-13, 0.0]])
+    y = l2_normalize(x)
+    # torch.nn.functional.normalize: x / max(||x||, 1e-12)
+    np.testing.assert_allclose(np.asarray(y), [[0.6, 0.8], [0.0, 0.0], [0.1, 0.0]], rtol=1e-6)
+    g = jax.grad(lambda x: jnp.sum(l2_normalize(x) * jnp.array([1.0, 2.0])))(x)
+    assert bool(jnp.all(jnp.isfinite(g)))
+    # d/dx of x/||x|| . c at (3, 4): (c - (u.c) u) / ||x||
+    u, c = np.array([0.6, 0.8]), np.array([1.0, 2.0])
+    np.testing.assert_allclose(np.asarray(g[0]), (c - u.dot(c) * u) / 5.0, rtol=1e-5)
+
+
+def test_initialisation(model):
+    fresh = AudioVisualModel(width=16, embed_dim=512, rngs=nnx.Rngs(3))
+    w = np.asarray(fresh.aud_proj.kernel[...], np.float64).ravel()
+    assert abs(w.std() - 0.01) < 0.01 * 5 / math.sqrt(2 * w.size)
+    assert abs(w.mean()) < 5 * 0.01 / math.sqrt(w.size)
+    # Truncated at 2 sigma of the underlying normal (0.01 / 0.8796 = 0.01137).
+    assert np.abs(w).max() <= 2 * 0.01 / 0.8796 + 1e-7
+    assert np.abs(w).max() > 0.02
+    assert np.all(np.asarray(fresh.aud_proj.bias[...]) == 0.0)
+    k = np.asarray(fresh.img_proj.kernel[...], np.float64).ravel()
+    std = math.sqrt(2.0 / 512)  # fan-out of a 1x1 conv with 512 outputs
+    assert abs(k.std() / std - 1.0) < 5 / math.sqrt(2 * k.size)
+    assert np.all(np.asarray(fresh.img_proj.bias[...]) == 0.0)
+
+
+def test_response_map_against_numpy():
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(3, 4, 5, 6))
+    A = rng.normal(size=(3, 6))
+    expected = np.zeros((3, 3, 4, 5))
+    for i in range(3):
+        for j in range(3):
+            expected[i, j] = (V[i] * A[j]).sum(-1)
+    alpha = response_map(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
+    assert alpha.shape == (3, 3, 4, 5) and alpha.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(alpha), expected, rtol=1e-5, atol=1e-5)
+    diag = diagonal_map(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
+    assert diag.shape == (3, 4, 5) and diag.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(diag), np.einsum("ihwd,id->ihw", V, A), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(diag), expected[np.arange(3), np.arange(3)], atol=1e-5)
+
+
+def test_response_map_hand_made():
+    """Cosines of one-hot vectors are exact; bfloat16 inputs still give float32 maps."""
+    V = np.zeros((2, 1, 2, 3), np.float32)
+    V[0, 0, 0, 0] = V[0, 0, 1, 1] = V[1, 0, 0, 2] = 1.0
+    V[1, 0, 1, 0] = -1.0
+    A = np.eye(3, dtype=np.float32)[:2]  # A_0 = e0, A_1 = e1
+    alpha = response_map(jnp.asarray(V, jnp.bfloat16), jnp.asarray(A, jnp.bfloat16))
+    assert alpha.dtype == jnp.float32
+    expected = np.array([[[[1, 0]], [[0, 1]]], [[[0, -1]], [[0, 0]]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(alpha), expected)
+    diag = diagonal_map(jnp.asarray(V), jnp.asarray(A))
+    np.testing.assert_array_equal(np.asarray(diag), [[[1, 0]], [[0, 0]]])
+
+
+def test_response_map_on_explicit_mesh():
+    """With batch-sharded V and A on an Explicit mesh the B x B map needs an out_sharding."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("data",))
+    rng = np.random.default_rng(1)
+    V = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 2, 3, 5)), jnp.float32))
+    A = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 5)), jnp.float32))
+    Vs = jax.device_put(V, NamedSharding(mesh, P("data")))
+    As = jax.device_put(A, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        alpha = jax.jit(lambda v, a: response_map(v, a, out_sharding=P("data", None)))(Vs, As)
+        diag = jax.jit(diagonal_map)(Vs, As)
+    assert alpha.sharding.spec[:2] == ("data", None)
+    np.testing.assert_allclose(np.asarray(alpha), np.asarray(response_map(V, A)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(diag), np.asarray(diagonal_map(V, A)), atol=1e-6)

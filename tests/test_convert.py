@@ -1,0 +1,361 @@
+"""PyTorch -> NNX conversion: numerical parity with torch models, clear errors, safe loading.
+
+The torch models are written here with torchvision's module names (torchvision is not needed).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch", reason="conversion tests need torch (pip install torch)")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from sslocal.models.av_model import AudioVisualModel, diagonal_map  # noqa: E402
+from sslocal.models.convert import (  # noqa: E402
+    load_into,
+    load_torch_checkpoint,
+    load_torch_checkpoint_with_config,
+    load_torch_model,
+    resnet18_state,
+    torchvision_resnet18_state,
+)
+from sslocal.models.resnet import ResNet18  # noqa: E402
+
+RTOL = 1e-4
+
+
+# ---------------------------------------------------------------- torch reference models
+
+
+class TorchBasicBlock(nn.Module):
+    def __init__(self, inp, out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or inp != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inp, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class TorchResNet18(nn.Module):
+    """torchvision.models.resnet18 layout (same state-dict keys)."""
+
+    def __init__(self, in_channels=3, width=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inp = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            out = width * mult
+            stride = 1 if i == 0 else 2
+            blocks = [TorchBasicBlock(inp, out, stride), TorchBasicBlock(out, out, 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            inp = out
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8 * width, 1000)
+
+    def features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TorchEZVSL(nn.Module):
+    """The EZ-VSL reference model's modules and forward (image map, audio embedding)."""
+
+    def __init__(self, width, dim):
+        super().__init__()
+        self.imgnet = TorchResNet18(3, width)  # keeps its fc: imgnet.fc.* must be ignored
+        self.img_proj = nn.Conv2d(8 * width, dim, 1)
+        self.audnet = TorchResNet18(1, width)
+        self.audnet.fc = nn.Identity()
+        self.aud_proj = nn.Linear(8 * width, dim)
+
+    def forward(self, image, audio):
+        v = F.normalize(self.img_proj(self.imgnet.features(image)), dim=1)
+        a = F.adaptive_max_pool2d(self.audnet.features(audio), 1).flatten(1)
+        a = F.normalize(self.aud_proj(a), dim=1)
+        return v, a
+
+
+def randomize(module, seed):
+    """Random weights and random BatchNorm running statistics, so that every tensor matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                m.weight.normal_(0, (2.0 / fan_out) ** 0.5, generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.1, generator=g)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.num_batches_tracked.fill_(7)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.05, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+    return module.eval()
+
+
+def nhwc(t):
+    return jnp.asarray(t.permute(0, 2, 3, 1).numpy())
+
+
+def rel_err(jax_out, torch_out):
+    ref = np.asarray(torch_out, np.float64)
+    return float(np.abs(np.asarray(jax_out, np.float64) - ref).max() / np.abs(ref).max())
+
+
+forward = nnx.jit(lambda m, x: m(x))
+av_forward = nnx.jit(lambda m, x, y: diagonal_map(*m(x, y)))
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def torchvision_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize(TorchResNet18(3, 64), seed=0)
+    path = tmp_path_factory.mktemp("tv") / "resnet18.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def reference_file(tmp_path_factory):
+    model = randomize(TorchEZVSL(width=16, dim=24), seed=1)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("ref") / "ezvsl.pth"
+    torch.save({"model": state, "epoch": 3, "best_cIoU": 0.5}, path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def small_resnet_state():
+    return randomize(TorchResNet18(3, 8), seed=2).state_dict()
+
+
+def save(obj, tmp_path, name="ckpt.pth"):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+# ---------------------------------------------------------------- parity
+
+
+def test_torchvision_resnet18_parity_width64(torchvision_file):
+    torch_model, path = torchvision_file
+    model = load_torch_model(path)
+    assert isinstance(model, ResNet18) and model.width == 64 and model.in_channels == 3
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = torch_model.features(x).permute(0, 2, 3, 1).numpy()
+    out = forward(model, nhwc(x))
+    assert out.shape == ref.shape == (2, 7, 7, 512)
+    err = rel_err(out, ref)
+    print(f"torchvision ResNet18 width 64 parity: max rel err {err:.2e}")
+    assert err < RTOL
+
+
+def test_reference_model_parity(reference_file):
+    torch_model, path = reference_file
+    state, kind, kwargs = load_torch_checkpoint_with_config(path)
+    assert kind == "reference" and kwargs == {"width": 16, "embed_dim": 24}
+    model = nnx.eval_shape(lambda: AudioVisualModel(width=16, embed_dim=24, rngs=nnx.Rngs(0)))
+    load_into(model, state)  # fills every variable: no random initialisation needed
+    model.eval()
+    g = torch.Generator().manual_seed(6)
+    image, spec = torch.randn(2, 3, 224, 224, generator=g), torch.randn(2, 1, 257, 200, generator=g)
+    with torch.no_grad():
+        v, a = torch_model(image, spec)
+        ref = torch.einsum("bchw,bc->bhw", v, a).numpy()
+    out = av_forward(model, nhwc(image), nhwc(spec))
+    assert out.shape == ref.shape == (2, 7, 7)
+    err = float(np.abs(np.asarray(out) - ref).max())
+    print(f"reference model alpha_ii parity: max abs err {err:.2e}")
+    np.testing.assert_allclose(np.asarray(out), ref, atol=RTOL, rtol=RTOL)
+
+
+def test_train_mode_batchnorm_matches_torch(small_resnet_state):
+    """Train-mode outputs agree, and the running statistics follow PyTorch momentum 0.1."""
+    torch_model = TorchResNet18(3, 8)
+    torch_model.load_state_dict(small_resnet_state)
+    torch_model.train()
+    model = nnx.eval_shape(lambda: ResNet18(width=8, rngs=nnx.Rngs(0)))
+    load_into(model, resnet18_state(small_resnet_state)[0])
+    model.train()
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    old_mean = small_resnet_state["bn1.running_mean"].numpy().copy()
+    old_var = small_resnet_state["bn1.running_var"].numpy().copy()
+    with torch.no_grad():
+        ref = torch_model.features(x).permute(0, 2, 3, 1).numpy()
+    out = forward(model, nhwc(x))
+    assert rel_err(out, ref) < RTOL
+    new_mean = torch_model.bn1.running_mean.numpy()
+    np.testing.assert_allclose(np.asarray(model.bn1.mean[...]), new_mean, rtol=1e-4, atol=1e-6)
+    # PyTorch updates running_var with the unbiased batch variance, Flax with the biased one.
+    n = 4 * 32 * 32
+    torch_var = torch_model.bn1.running_var.numpy()
+    expected = 0.9 * old_var + (torch_var - 0.9 * old_var) * (n - 1) / n
+    np.testing.assert_allclose(np.asarray(model.bn1.var[...]), expected, rtol=1e-4)
+    assert not np.allclose(new_mean, old_mean)
+
+
+# ---------------------------------------------------------------- formats and layout
+
+
+def test_state_is_complete_and_float32(reference_file):
+    _, path = reference_file
+    state = load_torch_checkpoint(path)
+    model = nnx.eval_shape(lambda: AudioVisualModel(width=16, embed_dim=24, rngs=nnx.Rngs(0)))
+    expected = nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+    flat = dict(nnx.to_flat_state(state))
+    assert set(flat) == {p for p, _ in expected}
+    assert {v.dtype for v in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+    assert isinstance(flat[("imgnet", "bn1", "mean")], nnx.BatchStat)
+    assert isinstance(flat[("imgnet", "bn1", "scale")], nnx.Param)
+
+
+def test_layout_conversion(small_resnet_state, tmp_path):
+    """OIHW -> HWIO, BN names, exact values; fc and num_batches_tracked ignored."""
+    sd = small_resnet_state
+    state = torchvision_resnet18_state(save(sd, tmp_path))
+    flat = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
+    w = sd["layer2.0.downsample.0.weight"].numpy()  # (out, in, 1, 1)
+    np.testing.assert_array_equal(flat["layer2.0.downsample.0.kernel"], w.transpose(2, 3, 1, 0))
+    w = sd["conv1.weight"].numpy()
+    assert flat["conv1.kernel"][1, 4, 2, 5] == w[5, 2, 1, 4]
+    np.testing.assert_array_equal(flat["layer3.1.bn2.scale"], sd["layer3.1.bn2.weight"].numpy())
+    np.testing.assert_array_equal(flat["layer3.1.bn2.var"], sd["layer3.1.bn2.running_var"].numpy())
+    np.testing.assert_array_equal(flat["bn1.mean"], sd["bn1.running_mean"].numpy())
+    assert not any(k.startswith("fc") for k in flat)
+
+
+def test_linear_transposed_and_bare_reference_dict(reference_file, tmp_path):
+    torch_model, _ = reference_file
+    sd = torch_model.state_dict()  # no 'model' wrapper, no 'module.' prefix
+    state = load_torch_checkpoint(save(sd, tmp_path))
+    kernel = np.asarray(state["aud_proj"]["kernel"][...])
+    np.testing.assert_array_equal(kernel, sd["aud_proj.weight"].numpy().T)
+    conv = np.asarray(state["img_proj"]["kernel"][...])
+    np.testing.assert_array_equal(conv[0, 0], sd["img_proj.weight"].numpy()[:, :, 0, 0].T)
+
+
+def test_torchvision_state_into_image_tower(small_resnet_state, tmp_path):
+    """ImageNet-style initialisation of AudioVisualModel.imgnet from a torchvision file."""
+    model = AudioVisualModel(width=8, embed_dim=16, rngs=nnx.Rngs(0))
+    load_into(model.imgnet, torchvision_resnet18_state(save(small_resnet_state, tmp_path)))
+    np.testing.assert_array_equal(
+        np.asarray(model.imgnet.layer4[1].bn1.bias[...]),
+        small_resnet_state["layer4.1.bn1.bias"].numpy(),
+    )
+
+
+def test_bfloat16_model_from_file(small_resnet_state, tmp_path):
+    model = load_torch_model(save(small_resnet_state, tmp_path), dtype=jnp.bfloat16)
+    y = forward(model, jnp.ones((1, 32, 32, 3)))
+    assert y.dtype == jnp.bfloat16
+    assert {v.dtype for v in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.float32)}
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_missing_and_unexpected_keys_are_named(small_resnet_state, tmp_path):
+    sd = dict(small_resnet_state)
+    del sd["layer1.0.bn1.running_var"]
+    del sd["layer3.0.downsample.0.weight"]
+    sd["layer5.0.conv1.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError) as info:
+        load_torch_checkpoint(save(sd, tmp_path))
+    msg = str(info.value)
+    assert "missing keys: layer1.0.bn1.running_var, layer3.0.downsample.0.weight" in msg
+    assert "unexpected keys: layer5.0.conv1.weight" in msg
+
+
+def test_shape_mismatch_is_named(small_resnet_state, tmp_path):
+    sd = dict(small_resnet_state)
+    sd["layer2.1.conv2.weight"] = torch.zeros(16, 16, 5, 5)
+    with pytest.raises(ValueError, match=r"shape mismatches: layer2\.1\.conv2\.weight"):
+        load_torch_checkpoint(save(sd, tmp_path))
+
+
+def test_reference_missing_projection(reference_file, tmp_path):
+    sd = {k: v for k, v in reference_file[0].state_dict().items() if not k.startswith("aud_proj")}
+    with pytest.raises(ValueError, match="missing keys: aud_proj.bias, aud_proj.weight"):
+        load_torch_checkpoint(save({"model": sd}, tmp_path))
+
+
+def test_unknown_format_and_wrong_kind(reference_file, tmp_path):
+    with pytest.raises(ValueError, match="neither a torchvision ResNet18 nor an EZ-VSL"):
+        load_torch_checkpoint(save({"encoder.weight": torch.zeros(2)}, tmp_path))
+    with pytest.raises(ValueError, match="expected a torchvision ResNet18"):
+        torchvision_resnet18_state(reference_file[1])
+
+
+def test_load_into_rejects_other_sizes(small_resnet_state, tmp_path):
+    state = load_torch_checkpoint(save(small_resnet_state, tmp_path))
+    wrong = nnx.eval_shape(lambda: ResNet18(width=16, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_into(wrong, state)
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = save({"model": {"conv1.weight": Evil(marker)}}, tmp_path, "evil.pth")
+    with pytest.raises(ValueError, match="refusing to load .* for safety") as info:
+        load_torch_checkpoint(path)
+    print(f"malicious pickle refused: {info.value}")
+    assert not marker.exists()
+
+
+def test_hand_written_malicious_pickle_is_refused(tmp_path):
+    """A protocol-0 pickle calling os.system, written byte by byte (no pickle module needed)."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(f"cos\nsystem\n(S'echo pwned > {marker}'\ntR.".encode())
+    with pytest.raises(ValueError, match="for safety"):
+        load_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_unreadable_files(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint|could not read"):
+        load_torch_checkpoint(garbage)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint|could not read"):
+        load_torch_checkpoint(empty)
+    with pytest.raises(FileNotFoundError):
+        load_torch_checkpoint(tmp_path / "absent.pth")
