@@ -65,6 +65,23 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     return graphdef, jax.device_put(state, sharding.replicated(mesh))
 
 
+def make_grad_fn(graphdef: nnx.GraphDef, loss_fn: Callable):
+    """(params, batch_stats, batch) -> (loss, grads, updated batch_stats): the towers in train
+    mode on the whole (global) batch, so BatchNorm statistics and the B x B negatives are global.
+    The NNX graph is rebuilt only while tracing; compiled steps see plain arrays."""
+
+    def loss_grads_stats(params, batch_stats, batch):
+        def loss_of(model):
+            V, A = model(batch["image"], batch["spec"])
+            return loss_fn(V, A)
+
+        model = nnx.merge(graphdef, params, batch_stats)
+        loss, grads = nnx.value_and_grad(loss_of)(model)
+        return loss, grads, nnx.state(model, nnx.BatchStat)
+
+    return loss_grads_stats
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     loss_fn: Callable, mesh: jax.sharding.Mesh):
     """One jitted step: towers on the global batch -> loss -> coupled-L2 Adam update.
@@ -74,13 +91,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     or a checkpoint; the host loop raises on it.
     """
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
-        def loss_and_stats(params):
-            model = nnx.merge(graphdef, params, state.batch_stats)
-            V, A = model(batch["image"], batch["spec"])
-            return loss_fn(V, A), nnx.state(model, nnx.BatchStat)
+    grad_fn = make_grad_fn(graphdef, loss_fn)
 
-        (loss, batch_stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params)
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        loss, grads, batch_stats = grad_fn(state.params, state.batch_stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
