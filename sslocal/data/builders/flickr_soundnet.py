@@ -1,0 +1,49 @@
+"""SoundNet-Flickr: the 10k / 144k training lists (or every clip on disk) and the test set."""
+
+from __future__ import annotations
+
+import os
+
+from sslocal.data import annotations
+from sslocal.data.builders import _clips
+from sslocal.data.builders.base import AVBuilder, AVConfig
+from sslocal.data.builders.vggsound import train_jobs
+
+
+def silent_jobs(root: str, pairs: list[tuple[str, str, str]], image_size: int) -> list[dict]:
+    """Jobs of the non-sounding pairs of a plus_silent list: the frame of `video` with the audio
+    of `audio`, no box. Rows labelled otherwise are left to the sounding test list."""
+    return [_clips.make_job(f"{video}+{audio}", root, image_size=image_size, test=True,
+                            frame_id=video, audio_id=audio, sounding=False, boxes=[])
+            for video, audio, label in pairs if label.strip() == "non-sounding"]
+
+
+class FlickrSoundnet(AVBuilder):
+    """SoundNet-Flickr clips; test boxes from ROOT/Annotations/<id>.xml (fmt "flickr")."""
+
+    name = "flickr_soundnet"
+    GT_FORMAT = "flickr"
+    BUILDER_CONFIGS = [
+        AVConfig(name="full", split_list=None, description="every Flickr clip on disk"),
+        AVConfig(name="10k", split_list="flickr_10k", description="Flickr 10k subset"),
+        AVConfig(name="144k", split_list="flickr_144k", description="Flickr 144k subset"),
+        AVConfig(name="test", split_list="flickr_test", test=True,
+                 description="the 249 annotated test clips"),
+        AVConfig(name="test_plus_silent", split_list="flickr_test", test=True,
+                 plus_silent="flickr_test_plus_silent",
+                 description="test clips plus non-sounding pairs (extended evaluation)"),
+    ]
+
+    def _jobs(self, root):
+        config = self.builder_config
+        if not config.test:
+            return {"train": train_jobs(root, config.split_list, self._ids, config.image_size)}
+        ids = self._ids if self._ids is not None else annotations.read_split(config.split_list)
+        jobs = [_clips.make_job(i, root, image_size=config.image_size, test=True, sounding=True,
+                                xml=os.path.join(root, "Annotations", f"{i}.xml"))
+                for i in ids]
+        if config.plus_silent:
+            pairs = (self._silent_pairs if self._silent_pairs is not None
+                     else annotations.read_plus_silent(config.plus_silent))
+            jobs += silent_jobs(root, pairs, config.image_size)
+        return {"test": jobs}

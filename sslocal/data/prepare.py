@@ -1,0 +1,74 @@
+"""`sslocal prepare`: build a dataset's ArrayRecord files once; open prepared splits.
+
+    sslocal prepare --dataset vggsound/144k --root ROOT [--data_dir DIR]
+
+writes DIR/vggsound/144k/1.0.0/ (TFDS layout) and manifest.json beside it: clips requested,
+found, missing (which file), unreadable (the error) and written, per split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from sslocal.data import builders
+
+
+def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = None,
+            data_dir: str | os.PathLike | None = None, *, ids: Iterable[str] | None = None,
+            num_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Builds `dataset` ("name/config", see builders.DATASETS) from the files under `root`
+    into `data_dir` (TFDS's default when None) and returns the manifest. A dataset already
+    prepared there is kept (its manifest is returned) unless `overwrite`."""
+    builder = builders.get_builder(dataset, data_dir=data_dir, root=root, ids=ids,
+                                   num_workers=num_workers)
+    if root is None and builder.NEEDS_ROOT and not builder.is_prepared():
+        raise ValueError(f"{dataset}: pass root=ROOT, the folder holding frames/ and audio/ "
+                         "(or video/)")
+    mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
+            else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
+    manifest = builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    _print_summary(dataset, builder, manifest)
+    return manifest
+
+
+def _print_summary(dataset: str, builder: builders.AVBuilder, manifest: dict) -> None:
+    for split, entry in manifest.get("splits", {}).items():
+        print(f"{dataset} {split}: {entry['written']} written of {entry['requested']} requested "
+              f"({len(entry['missing'])} missing, {len(entry['unreadable'])} unreadable, "
+              f"{len(entry['warnings'])} warnings) -> {builder.data_path}")
+
+
+def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None, *,
+               root: str | os.PathLike | None = None) -> Any:
+    """The random-access data source of a prepared split (tfds ArrayRecordDataSource: len(),
+    [i] -> dict of numpy values). Prepares it first when it is not there and can be built
+    (a root is given, or the dataset is synthetic)."""
+    builder = builders.get_builder(dataset, data_dir=data_dir, root=root)
+    if not builder.is_prepared():
+        if root is None and builder.NEEDS_ROOT:
+            raise FileNotFoundError(
+                f"{dataset} is not prepared in {builder.data_dir}; run `sslocal prepare "
+                f"--dataset {dataset} --root ROOT --data_dir DIR` first")
+        prepare(dataset, root=root, data_dir=data_dir)
+        builder = builders.get_builder(dataset, data_dir=data_dir)
+    sources = builder.as_data_source()
+    if split not in sources:
+        raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(sources)}")
+    return sources[split]
+
+
+def gt_format(dataset: str) -> str:
+    """The ground-truth map format ("flickr" or "vggss") of a dataset's boxes."""
+    cls, _ = builders.parse_dataset(dataset)
+    return cls.GT_FORMAT
+
+
+def image_size(dataset: str) -> int:
+    """S, the frame size the dataset's frames are stored for."""
+    cls, config = builders.parse_dataset(dataset)
+    return next(c.image_size for c in cls.BUILDER_CONFIGS if c.name == config)
