@@ -3,7 +3,8 @@
     sslocal prepare --dataset flickr_soundnet/144k --root /data/flickr
     sslocal train --config configs/flickr144k.py --workdir runs/flickr144k
 
-Differs from default.py in: train_dataset, test_datasets (Flickr first: it picks the best epoch).
+Differs from default.py in: train_dataset, test_datasets.
+(Flickr is the first test set: it picks the best epoch.)
 Paper (x100): Flickr cIoU 84.74 AUC 63.08 (+OGL 85.54 / 64.27); VGG-SS cIoU 34.45 AUC 37.35.
 """
 

@@ -2,7 +2,8 @@
 
     sslocal train --config configs/vggsound10k.py --workdir runs/vggsound10k
 
-Differs from default.py in: train_dataset. The paper reports no 10k row for marginNCE; EZ-VSL's
+Differs from default.py in: train_dataset.
+The paper reports no 10k row for marginNCE; EZ-VSL's
 10k numbers are the reference point for this subset.
 """
 

@@ -5,7 +5,7 @@
     sslocal prepare --dataset flickr_soundnet/test --root /data/flickr
     sslocal train --config configs/vggsound144k.py --workdir runs/vggsound144k
 
-Differs from default.py in: test_datasets (VGG-SS and Flickr).
+Differs from default.py in: test_datasets.
 Paper (x100, best epoch): VGG-SS cIoU 38.25 AUC 39.06 (+OGL 39.78 / 40.01);
 Flickr cIoU 83.94 AUC 63.20 (+OGL 85.14 / 64.55).
 """

@@ -115,31 +115,58 @@ def load_model_variables(path: str | Path, params_like: Any, batch_stats_like: A
     """Params and batch stats from a model directory or a training workdir.
 
     In a workdir `which` picks "best" (falling back to the latest when no evaluation ran) or
-    "latest". Returns (params, batch_stats, a description of what was loaded).
+    "latest". The arrays take the shapes, dtypes and shardings of `params_like` and
+    `batch_stats_like`; a checkpoint of another model shape is a ValueError naming the
+    difference. Returns (params, batch_stats, a description of what was loaded).
     """
     path = Path(path).absolute()
-    target = {"params": params_like, "batch_stats": batch_stats_like}
     if (path / MODEL_JSON).exists():
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "model", _abstract(target))
-        return restored["params"], restored["batch_stats"], str(path)
+            raw = checkpointer.restore(path / "model")
+        what = str(path)
+    else:
+        raw, what = _restore_workdir_state(path, which)
+    return (_fill(params_like, raw["params"], what, "params"),
+            _fill(batch_stats_like, raw["batch_stats"], what, "batch_stats"), what)
+
+
+def _restore_workdir_state(path: Path, which: str) -> tuple[dict, str]:
     for kind in ([BEST_DIR, LATEST_DIR] if which == "best" else [LATEST_DIR]):
         if not (path / kind).exists():
             continue
-        manager = ocp.CheckpointManager(path / kind, item_handlers={
-            "state": ocp.StandardCheckpointHandler()})
-        step = manager.best_step() if kind == BEST_DIR else manager.latest_step()
-        if step is None:
-            manager.close()
-            continue
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={"params": params_like, "batch_stats": batch_stats_like},
-                restore_args=jax.tree.map(
-                    lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding)
-                    if isinstance(x, jax.Array) else ocp.RestoreArgs(), target),
-                partial_restore=True)))
-        manager.close()
-        state = restored.state
-        return state["params"], state["batch_stats"], f"{path / kind}/{step}"
+        with ocp.CheckpointManager(path / kind, item_handlers={
+                "state": ocp.StandardCheckpointHandler()}) as manager:
+            step = manager.best_step() if kind == BEST_DIR else manager.latest_step()
+            if step is None:
+                continue
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore()))
+        return restored.state, f"{path / kind}/{step}"
     raise FileNotFoundError(f"no checkpoint in {path}: expected {BEST_DIR}/ or {LATEST_DIR}/")
+
+
+def _fill(like: Any, raw: dict, what: str, name: str) -> Any:
+    """`like` (an nnx.State) with the arrays of `raw` (the same tree as saved, as dicts)."""
+    like_leaves = jax.tree_util.tree_leaves_with_path(like)
+    keys = [_dotted(k) for k, _ in like_leaves]
+    by_key = {_dotted(k): v for k, v in jax.tree_util.tree_leaves_with_path(raw)}
+    missing = sorted(set(keys) - set(by_key))
+    unexpected = sorted(set(by_key) - set(keys))
+    if missing or unexpected:
+        raise ValueError(f"{what} holds another model: {name} missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    leaves = []
+    for key, (_, target) in zip(keys, like_leaves, strict=True):
+        value = by_key[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{what} holds another model shape: {name}.{key} is "
+                             f"{tuple(value.shape)}, the model expects {tuple(target.shape)}")
+        sharding = getattr(target, "sharding", None)
+        leaves.append(jax.device_put(value.astype(target.dtype), sharding))
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _dotted(keypath) -> str:
+    """"imgnet.layer1.0.conv1.kernel" for an nnx.State path and for its saved dict alike."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)

@@ -8,6 +8,9 @@ so every sample of a test set counts exactly once on any number of devices and h
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +41,10 @@ def parse_threshold(value: str | float) -> str | float:
                          f"not {value!r}") from None
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, *, upsample: str,
-                   ogl_graphdef: nnx.GraphDef | None = None, ogl_alpha: float = 0.4):
-    """jit(variables, image, spec) -> {"raw": upsampled alpha_ii, "av": its min-max map[, "ogl"]}.
+def make_map_fn(graphdef: nnx.GraphDef, *, upsample: str, ogl_graphdef: nnx.GraphDef | None = None,
+           ogl_alpha: float = 0.4):
+    """The pure eval computation (variables, image, spec) -> {"raw": upsampled alpha_ii,
+    "av": its min-max map[, "ogl": the fused map]}.
 
     `raw` (un-normalised) gives the detection confidence of the extended evaluation.
     """
@@ -57,12 +61,30 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, *, upsample:
             out["ogl"] = localization.fuse_ogl(out["av"], obj, ogl_alpha)
         return out
 
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, *, upsample: str,
+                   ogl_graphdef: nnx.GraphDef | None = None, ogl_alpha: float = 0.4):
+    """jit(variables, image, spec) -> the maps of `make_map_fn`, sharded over the batch."""
+    step = make_map_fn(graphdef, upsample=upsample, ogl_graphdef=ogl_graphdef, ogl_alpha=ogl_alpha)
     return jax.jit(step, out_shardings=sharding.batch_sharded(mesh))
+
+
+def eval_indices(batch_number: int, global_batch_size: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+    """Test-set indices of the slots of this host's `batch_number`-th evaluation batch (values
+    >= N are padding): the layout of pipeline.eval_loader, global batch k holding samples
+    [k * G, (k + 1) * G) split contiguously over the hosts."""
+    per_host = global_batch_size // process_count
+    start = batch_number * global_batch_size + process_index * per_host
+    return np.arange(start, start + per_host)
 
 
 @dataclass
 class EvalResult:
-    """Every sample of one test set, in loader order, and the summary of each map kind."""
+    """Every sample of one test set in the test set's order (ids[i] is source[i]'s clip), and
+    the summary of each map kind."""
 
     name: str
     ids: list[str]
@@ -70,6 +92,9 @@ class EvalResult:
     confidence: np.ndarray
     sounding: np.ndarray
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+MapFn = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 class Evaluator:
@@ -85,25 +110,36 @@ class Evaluator:
         if use_ogl:
             self.ogl_graphdef, self.ogl_state = factory.build_ogl(config.eval.ogl_weights)
             self.ogl_state = jax.device_put(self.ogl_state, sharding.replicated(mesh))
-        self.step = make_eval_step(graphdef, mesh, upsample=config.eval.upsample,
-                                   ogl_graphdef=self.ogl_graphdef, ogl_alpha=config.eval.ogl_alpha)
+        maps = dict(upsample=config.eval.upsample, ogl_graphdef=self.ogl_graphdef,
+                    ogl_alpha=config.eval.ogl_alpha)
+        self.step = make_eval_step(graphdef, mesh, **maps)
+        self._local_step = jax.jit(make_map_fn(graphdef, **maps))
 
     def variant(self) -> dict:
         return metrics.protocol_variant(self.threshold, self.config.eval.upsample,
                                         self.config.eval.ogl_alpha if self.ogl_graphdef else None)
 
-    def run(self, params, batch_stats, source, name: str) -> EvalResult:
+    def _variables(self, params, batch_stats) -> dict[str, Any]:
         variables = {"params": params, "batch_stats": batch_stats}
         if self.ogl_state is not None:
             variables["ogl"] = self.ogl_state
+        return variables
+
+    def run(self, params, batch_stats, source, name: str) -> EvalResult:
+        """Scores every sample of `source` exactly once (collective: every process calls it)."""
+        if len(source) == 0:
+            raise ValueError(f"test set {name} is empty")
+        variables = self._variables(params, batch_stats)
         kinds = ["av", "ogl"] if self.ogl_state is not None else ["av"]
+        global_batch_size = self.config.eval_batch_size
         loader = pipeline.eval_loader(
-            source, global_batch_size=self.config.eval_batch_size,
+            source, global_batch_size=global_batch_size,
             image_size=self.config.image_size, gt_format=data_prepare.gt_format(name),
             process_index=jax.process_index(), process_count=jax.process_count())
-        ids, cious, conf, sounding = [], {k: [] for k in kinds}, [], []
-        for batch in progress(iterable=loader, desc=f"eval {name}",
-                              disable=jax.process_index() != 0):
+        ids, indices, cious, conf, sounding = [], [], {k: [] for k in kinds}, [], []
+        batches = progress(iterable=loader, desc=f"eval {name}",
+                           disable=jax.process_index() != 0)
+        for k, batch in enumerate(batches):
             global_batch = sharding.to_global(
                 {"image": batch["image"], "spec": batch["spec"]}, self.mesh)
             out = self.step(variables, global_batch["image"], global_batch["spec"])
@@ -115,25 +151,57 @@ class Evaluator:
             conf.append(metrics.confidence(sharding.to_host_local(out["raw"], self.mesh)[keep]))
             ids.extend(str(i) for i in np.asarray(batch["id"])[keep])
             sounding.append(np.asarray(batch["sounding"], bool)[keep])
+            indices.append(eval_indices(k, global_batch_size, jax.process_index(),
+                                        jax.process_count())[keep])
+        # Hosts hold interleaved slices of the test set: gather, then back to its order.
+        index = sharding.gather_to_all(np.concatenate(indices))
+        order = np.argsort(index, kind="stable")
+        if not np.array_equal(index[order], np.arange(len(source))):
+            raise RuntimeError(f"evaluation of {name} scored {len(index)} samples for a test set "
+                               f"of {len(source)}: a sample was dropped or repeated")
+        all_ids = _gather_ids(ids)
         result = EvalResult(
             name=name,
-            ids=_gather_ids(ids),
-            cious={k: sharding.gather_to_all(np.concatenate(v)) for k, v in cious.items()},
-            confidence=sharding.gather_to_all(np.concatenate(conf)),
-            sounding=sharding.gather_to_all(np.concatenate(sounding)),
+            ids=[all_ids[i] for i in order],
+            cious={k: sharding.gather_to_all(np.concatenate(v))[order] for k, v in cious.items()},
+            confidence=sharding.gather_to_all(np.concatenate(conf))[order],
+            sounding=sharding.gather_to_all(np.concatenate(sounding))[order],
         )
         result.summary = summarize(result, self.variant())
         return result
 
-    def run_all(self, params, batch_stats, sources: dict[str, Any]) -> dict[str, dict]:
-        return {name: self.run(params, batch_stats, source, name).summary
-                for name, source in sources.items()}
+    def local_maps(self, params, batch_stats) -> MapFn:
+        """(image (n, S, S, 3), spec (n, 257, 200, 1)) -> numpy maps ("raw", "av"[, "ogl"]) of
+        a few host-local samples (report overlays), on this process's first device: no
+        collectives, so process 0 may call it alone."""
+        device = jax.local_devices()[0]
+        variables = jax.device_put(jax.device_get(self._variables(params, batch_stats)), device)
+
+        def maps(image: np.ndarray, spec: np.ndarray) -> dict[str, np.ndarray]:
+            out = self._local_step(variables, jax.device_put(np.asarray(image), device),
+                                   jax.device_put(np.asarray(spec), device))
+            return {k: np.asarray(v) for k, v in out.items()}
+
+        return maps
+
+    def run_all(self, params, batch_stats, sources: dict[str, Any], *,
+                report_dir: str | Path | None = None, label: str = "model") -> dict[str, dict]:
+        """The summary of every test set; with `report_dir`, also report.html there."""
+        results = {name: self.run(params, batch_stats, source, name)
+                   for name, source in sources.items()}
+        if report_dir is not None and jax.process_index() == 0:
+            from sslocal import report
+
+            collector = report.Report(self.config, sources)
+            collector.add_model(label, results, self.local_maps(params, batch_stats))
+            collector.write(report_dir)
+        return {name: result.summary for name, result in results.items()}
 
 
 def summarize(result: EvalResult, variant: dict) -> dict[str, Any]:
     """cIoU@0.5, AUC, mean cIoU and N of each map kind on the sounding samples; AP and max-F1
-    when the set holds non-sounding pairs (extended evaluation)."""
-    summary: dict[str, Any] = {"N": len(result.ids), "protocol": variant}
+    when the set holds non-sounding pairs (extended evaluation); the protocol variant."""
+    summary: dict[str, Any] = {}
     sounding = result.sounding
     for kind, cious in result.cious.items():
         prefix = "" if kind == "av" else "ogl_"
@@ -143,6 +211,7 @@ def summarize(result: EvalResult, variant: dict) -> dict[str, Any]:
         extended = metrics.extended_metrics(result.cious["av"], result.confidence, sounding)
         summary.update(AP=extended["AP"], max_F1=extended["max_F1"],
                        N_non_sounding=int((~sounding).sum()))
+    summary["protocol_variant"] = variant
     return summary
 
 
@@ -168,18 +237,45 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{label + ' + OGL':<40} {100 * s['ogl_cIoU']:7.2f} "
                          f"{100 * s['ogl_AUC']:7.2f} {100 * s['ogl_mean_cIoU']:8.2f} {s['N']:6d}")
         if "AP" in s:
-            lines.append(f"{'':<40} AP {100 * s['AP']:.2f}  max-F1 {100 * s['max_F1']:.2f}")
+            lines.append(f"{'':<40} AP {100 * s['AP']:.2f}  max-F1 {100 * s['max_F1']:.2f}  "
+                         f"({s['N_non_sounding']} non-sounding)")
+    variants = {json.dumps(s["protocol_variant"], sort_keys=True): s["protocol_variant"]
+                for s in rows.values() if "protocol_variant" in s}
+    for v in variants.values():
+        lines.append(f"protocol: pred = {v['threshold_rule']}, upsample {v['upsample']}"
+                     + (f", OGL alpha {v['ogl_alpha']}" if v["ogl_alpha"] is not None else ""))
     return "\n".join(lines)
 
 
-def write_results(out: Path, label: str, result: EvalResult) -> None:
-    """metrics.json gets the summary; per_sample/<label>.json every sample's cIoU."""
+def _file_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "result"
+
+
+def write_results(out: Path, label: str, result: EvalResult) -> Path:
+    """per_sample/<label>.json: every sample's cIoU (test-set order), with the protocol variant."""
     (out / "per_sample").mkdir(parents=True, exist_ok=True)
-    per_sample = {"ids": result.ids, "sounding": result.sounding.tolist(),
+    per_sample = {"label": label, "test_set": result.name,
+                  "protocol_variant": result.summary.get("protocol_variant"),
+                  "checkpoint": result.summary.get("checkpoint"),
+                  "ids": result.ids, "sounding": result.sounding.tolist(),
                   "confidence": result.confidence.tolist(),
                   **{f"cIoU_{k}": v.tolist() for k, v in result.cious.items()}}
-    safe = label.replace("/", "_").replace(" ", "_")
-    (out / "per_sample" / f"{safe}.json").write_text(json.dumps(per_sample))
+    path = out / "per_sample" / f"{_file_name(label)}.json"
+    path.write_text(json.dumps(per_sample))
+    return path
+
+
+def model_labels(checkpoints: list[str | Path]) -> list[str]:
+    """Short unique names: the shortest path suffix that tells the checkpoints apart
+    ("a/best", "b/best"); the same path given twice gets " (2)"."""
+    parts = [Path(os.path.abspath(c)).parts for c in checkpoints]
+    for depth in range(1, max(map(len, parts), default=0) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    labels = [str(Path(*p)) for p in parts]
+    return [label if labels[:i].count(label) == 0 else f"{label} ({labels[:i].count(label) + 1})"
+            for i, label in enumerate(labels)]
 
 
 def load_for_eval(checkpoint: str | Path, config: ml_collections.ConfigDict,
@@ -197,29 +293,42 @@ def load_for_eval(checkpoint: str | Path, config: ml_collections.ConfigDict,
 
 def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool = False,
          report: bool = False, out: str | None = None, dataset: str | None = None) -> dict:
-    """`sslocal evaluate`: every checkpoint on every test set; table, metrics.json, report."""
+    """`sslocal evaluate`: every checkpoint on every test set; table, metrics.json, per-sample
+    cIoU and, with `report`, report.html (the models side by side)."""
+    if not checkpoints:
+        raise ValueError("give at least one checkpoint")
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.eval_batch_size, mesh)
     names = [dataset] if dataset else list(config.test_datasets)
-    sources = {name: data_prepare.load_split(name, "test", config.data_dir) for name in names}
+    data_dir = os.path.expanduser(config.data_dir)
+    sources = {name: data_prepare.load_split(name, "test", data_dir) for name in names}
     out_dir = Path(out or Path(checkpoints[0]) / "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summaries, results = {}, {}
-    for checkpoint in checkpoints:
+    is_main = jax.process_index() == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    collector = None
+    if report and is_main:
+        from sslocal import report as report_lib
+
+        collector = report_lib.Report(config, sources)
+    summaries = {}
+    for checkpoint, model in zip(checkpoints, model_labels(checkpoints), strict=True):
         graphdef, params, batch_stats, what = load_for_eval(checkpoint, config, mesh)
         evaluator = Evaluator(config, graphdef, mesh, ogl=ogl)
+        results = {}
         for name, source in sources.items():
-            label = f"{Path(checkpoint).name} / {name}"
             result = evaluator.run(params, batch_stats, source, name)
             result.summary["checkpoint"] = what
-            summaries[label], results[label] = result.summary, result
-            if jax.process_index() == 0:
+            label = f"{model} / {name}"
+            results[name], summaries[label] = result, result.summary
+            if is_main:
                 write_results(out_dir, label, result)
-    if jax.process_index() == 0:
+        if collector is not None:
+            collector.add_model(model, results, evaluator.local_maps(params, batch_stats))
+    if is_main:
         print(format_table(summaries))
         (out_dir / "metrics.json").write_text(json.dumps(summaries, indent=2))
-        if report:
-            from sslocal import report as report_lib
-
-            report_lib.write_report(out_dir, config, checkpoints, sources, results)
+        print(f"wrote {out_dir / 'metrics.json'} and per_sample/")
+        if collector is not None:
+            print(f"wrote {collector.write(out_dir)}")
     return summaries

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -108,14 +109,25 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return jax.jit(step, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
+_POSITIVE = ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps",
+             "checkpoint_every_steps", "eval_every_epochs", "keep_checkpoints")
+
+
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
     """Every mistake that can be seen before compiling: one clear message each."""
+    for name in _POSITIVE:
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, not {config[name]!r}")
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh)
     losses.get_loss(config.loss)
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, not {config.model.dtype!r}")
     factory.check_weights_files(config.model)
+    ogl_weights = Path(config.eval.ogl_weights).expanduser() if config.eval.ogl_weights else None
+    if config.eval.ogl and (ogl_weights is None or not ogl_weights.is_file()):
+        raise FileNotFoundError(f"eval.ogl_weights: no file {ogl_weights}; "
+                                f"{factory.TORCHVISION_HINT}")
 
 
 class _Preempted(Exception):
@@ -131,12 +143,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     mesh = sharding.make_mesh()
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / checkpointing.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
 
-    train_source = data_prepare.load_split(config.train_dataset, "train", config.data_dir,
-                                           root=config.data_root)
+    data_dir = os.path.expanduser(config.data_dir)
+    train_source = data_prepare.load_split(config.train_dataset, "train", data_dir,
+                                           root=config.data_root or None)
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{config.train_dataset} has {len(train_source)} training clips, "
@@ -147,8 +157,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     train_iter = pipeline.train_loader(
         train_source, global_batch_size=config.batch_size, image_size=config.image_size,
         seed=config.seed, worker_count=config.worker_count)
-    test_sets = {name: data_prepare.load_split(name, "test", config.data_dir)
+    test_sets = {name: data_prepare.load_split(name, "test", data_dir)
                  for name in config.test_datasets}
+    if is_main:  # only once the data is there: a bad config leaves no workdir behind
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / checkpointing.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
 
     tx = make_optimizer(config)
     graphdef, state = create_train_state(config, mesh, tx)
@@ -188,12 +201,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         pending.clear()
 
     try:
-        batch = sharding.to_global(next(train_iter), mesh) if start_step < total_steps else None
         for step in range(start_step + 1, total_steps + 1):
+            # Fetched here, not after the step: a checkpoint of step s must hold the iterator
+            # after exactly s batches. The device still runs ahead (dispatch is asynchronous),
+            # and Grain prefetches in its threads.
+            batch = sharding.to_global(next(train_iter), mesh)
             state, metrics = train_step(state, batch)
             pending.append((step, metrics))
-            if step < total_steps:  # host work on the next batch overlaps the device step
-                batch = sharding.to_global(next(train_iter), mesh)
             bar.update(1)
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             save = step % config.checkpoint_every_steps == 0 or end_of_epoch

@@ -1,0 +1,66 @@
+"""One of several processes joined by jax.distributed on localhost (tests/test_multiprocess.py).
+
+argv: coordinator_address num_processes process_id data_dir workdir
+Prints "PARAMS <sha256 of this process's replica of the parameters after two steps>".
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def tiny_config(data_dir: str):
+    from configs import synthetic
+
+    config = synthetic.get_config()
+    config.train_dataset = "synthetic_av/tiny"
+    config.test_datasets = ("synthetic_av/tiny",)
+    config.data_dir = data_dir
+    config.image_size = 64
+    config.model.width = 8
+    config.model.embed_dim = 16
+    config.batch_size = 8
+    config.eval_batch_size = 8
+    config.max_steps = 2
+    config.eval.report = False
+    return config
+
+
+def main():
+    address, num_processes, process_id, data_dir, workdir = sys.argv[1:6]
+    from sslocal import sharding
+
+    sharding.initialize_distributed(address, int(num_processes), int(process_id))
+    import jax
+    import numpy as np
+
+    from sslocal import train
+    from sslocal.data import pipeline
+    from sslocal.data import prepare as data_prepare
+
+    config = tiny_config(data_dir)
+    mesh = sharding.make_mesh()
+    assert mesh.size == jax.device_count() > jax.local_device_count()
+    source = data_prepare.load_split(config.train_dataset, "train", data_dir)
+    loader = pipeline.train_loader(source, global_batch_size=config.batch_size,
+                                   image_size=config.image_size, seed=0)
+    tx = train.make_optimizer(config)
+    graphdef, state = train.create_train_state(config, mesh, tx)
+    step = train.make_train_step(graphdef, tx, train.loss_from_config(config), mesh)
+    for _ in range(2):
+        state, metrics = step(state, sharding.to_global(next(loader), mesh))
+        assert bool(metrics["finite"])
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state.params):
+        digest.update(np.asarray(leaf.addressable_data(0)).tobytes())
+    print("PARAMS", digest.hexdigest(), flush=True)
+
+    # The whole training loop too: per-host loading, global batch, collective checkpointing.
+    train.train_and_evaluate(config, workdir)
+    print("TRAINED", flush=True)
+
+
+if __name__ == "__main__":
+    main()
