@@ -125,7 +125,8 @@ def run(argv: list[str] | None = None) -> None:
     _add_config_dir_to_path(argv)
 
     def main(args: list[str]) -> None:
-        logging.getLogger().setLevel(logging.INFO)
+        logging.getLogger().setLevel(logging.WARNING)  # Orbax and TFDS are chatty at INFO
+        logging.getLogger("sslocal").setLevel(logging.INFO)
         try:
             _dispatch(command, args[1:])
         except (UserError, ValueError, FileNotFoundError, IsADirectoryError,

@@ -81,6 +81,9 @@ PRESETS = {
     "tiny": SceneConfig(num_categories=4, image_size=64, max_objects=2),
     # The CPU demo: 112 px gives a 4 x 4 map from a stride-32 ResNet.
     "small": SceneConfig(num_categories=16, image_size=112),
+    # The margin study: "small" with noisy correspondence in training (a fifth of the sounds
+    # off-screen, half of the clips from 4 frequent categories: false negatives in a batch).
+    "noisy": SceneConfig(num_categories=16, image_size=112, offscreen_prob=0.2, repeat_prob=0.5),
     # The paper's frame size, for the input-pipeline benchmark.
     "full": SceneConfig(num_categories=24, image_size=224),
 }

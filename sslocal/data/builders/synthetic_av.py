@@ -20,14 +20,17 @@ from sslocal.data.builders import _clips
 from sslocal.data.builders.base import AVBuilder, AVConfig
 
 # Scenes per split of each preset: (train, test).
-SPLIT_SIZES = {"tiny": (64, 16), "small": (4096, 512), "full": (10000, 1000)}
+SPLIT_SIZES = {"tiny": (64, 16), "small": (4096, 512), "noisy": (4096, 512), "full": (10000, 1000)}
 TEST_SEED_OFFSET = 1  # the test split draws its scenes with seed + 1, the same categories
 
 
 def scene_config(preset: str, split: str, seed: int = 0) -> synthetic.SceneConfig:
-    """The SceneConfig of a preset's split: train uses `seed`, test `seed + 1`."""
-    offset = TEST_SEED_OFFSET if split == "test" else 0
-    return dataclasses.replace(synthetic.PRESETS[preset], seed=seed + offset)
+    """The SceneConfig of a preset's split: train uses `seed`, test `seed + 1`. Noisy
+    correspondence is a training condition: test scenes always show their sounding object."""
+    if split == "test":
+        return dataclasses.replace(synthetic.PRESETS[preset], seed=seed + TEST_SEED_OFFSET,
+                                   offscreen_prob=0.0)
+    return dataclasses.replace(synthetic.PRESETS[preset], seed=seed)
 
 
 def process_scene(job: dict[str, Any]) -> dict[str, Any]:
