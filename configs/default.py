@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.width = 64
     config.model.embed_dim = 512
+    config.model.audio_pool = 1  # > 1: average-pool spectrograms first (CPU demos; not the paper)
+    config.model.image_stride = 32  # 16: a 2x finer response map (small frames; not the paper)
     config.model.dtype = "float32"  # or "bfloat16": towers in bf16, params and loss in float32
     config.model.image_pretrained = "~/.cache/sslocal/resnet18-f37072fd.pth"
     config.model.per_device_batch_stats = False  # True: BatchNorm statistics per device (DDP)
@@ -54,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.threshold = "median_ge"  # median_ge (reference) | median_gt | a number
     config.eval.upsample = "bilinear_align_corners"  # reference | bicubic
     config.eval.report = False
+    config.eval.baselines = False  # also score centre / random / oracle maps, untrained model
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2

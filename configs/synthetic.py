@@ -12,7 +12,7 @@ rate and a smaller batch for the short budget.
 
 Differs from default.py in: train_dataset, test_datasets, image_size, model.width,
 model.embed_dim, model.image_pretrained, batch_size, eval_batch_size, learning_rate, num_epochs,
-log_every_steps, checkpoint_every_steps, eval.report.
+log_every_steps, checkpoint_every_steps, eval.report, eval.baselines.
 """
 
 from configs import default
@@ -33,4 +33,5 @@ def get_config():
     config.log_every_steps = 16
     config.checkpoint_every_steps = 64
     config.eval.report = True
+    config.eval.baselines = True
     return config

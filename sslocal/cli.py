@@ -28,6 +28,8 @@ flags.DEFINE_multi_string("checkpoint", [], "evaluate/localize: a workdir or a m
                           "(repeat to compare several models side by side)")
 flags.DEFINE_bool("ogl", False, "evaluate/localize: also the object-guided (OGL) maps")
 flags.DEFINE_bool("report", False, "evaluate: write report.html with plots and overlays")
+flags.DEFINE_bool("baselines", False, "evaluate: also centre / random / oracle maps and the "
+                  "untrained model")
 flags.DEFINE_string("out", None, "evaluate/localize/benchmark: output directory")
 flags.DEFINE_string("dataset", None, "prepare/evaluate/benchmark input: TFDS name/config")
 flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
@@ -69,7 +71,7 @@ def _dispatch(command: str, args: list[str]) -> None:
         from sslocal import evaluate
 
         evaluate.main(_config(), _require("checkpoint"), ogl=FLAGS.ogl, report=FLAGS.report,
-                      out=FLAGS.out, dataset=FLAGS.dataset)
+                      out=FLAGS.out, dataset=FLAGS.dataset, baselines=FLAGS.baselines)
     elif command == "prepare":
         from sslocal.data import prepare
 

@@ -292,9 +292,12 @@ def load_for_eval(checkpoint: str | Path, config: ml_collections.ConfigDict,
 
 
 def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool = False,
-         report: bool = False, out: str | None = None, dataset: str | None = None) -> dict:
+         report: bool = False, out: str | None = None, dataset: str | None = None,
+         baselines: bool = False) -> dict:
     """`sslocal evaluate`: every checkpoint on every test set; table, metrics.json, per-sample
-    cIoU and, with `report`, report.html (the models side by side)."""
+    cIoU and, with `report`, report.html (the models side by side). With `baselines`, also
+    the centre prior, a random map, the oracle and the untrained model (sslocal.baselines), and
+    the share of the gap from the best non-oracle baseline to the oracle each model closes."""
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     mesh = sharding.make_mesh()
@@ -325,10 +328,57 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
                 write_results(out_dir, label, result)
         if collector is not None:
             collector.add_model(model, results, evaluator.local_maps(params, batch_stats))
+    if baselines:
+        summaries.update(_baseline_rows(config, sources, mesh, graphdef, collector))
+        if is_main:
+            summaries["gap_closed"] = _gap_closed(summaries, checkpoints, sources)
     if is_main:
-        print(format_table(summaries))
+        print(format_table({k: v for k, v in summaries.items() if k != "gap_closed"}))
+        for label, gap in summaries.get("gap_closed", {}).items():
+            print(f"{label}: closes {100 * gap['cIoU']:.1f}% of the cIoU@0.5 gap and "
+                  f"{100 * gap['AUC']:.1f}% of the AUC gap from {gap['best_baseline']} to the "
+                  "oracle")
         (out_dir / "metrics.json").write_text(json.dumps(summaries, indent=2))
         print(f"wrote {out_dir / 'metrics.json'} and per_sample/")
         if collector is not None:
             print(f"wrote {collector.write(out_dir)}")
     return summaries
+
+
+def _baseline_rows(config, sources, mesh, graphdef, collector) -> dict[str, dict]:
+    """Summaries of the reference maps and of the untrained model on every test set."""
+    from sslocal import baselines as baselines_lib
+
+    model = factory.build_model(config.model, seed=config.seed)
+    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
+    evaluator = Evaluator(config, graphdef, mesh, ogl=False)
+    rows, untrained = {}, {}
+    for name, source in sources.items():
+        untrained[name] = evaluator.run(params, batch_stats, source, name)
+        rows[f"untrained / {name}"] = untrained[name].summary
+        for kind, summary in baselines_lib.evaluate_baselines(
+                source, gt_format=data_prepare.gt_format(name), image_size=config.image_size,
+                batch_size=config.eval_batch_size, seed=config.seed,
+                threshold=parse_threshold(config.eval.threshold)).items():
+            rows[f"{kind} / {name}"] = summary
+    if collector is not None:
+        collector.add_model("untrained", untrained, evaluator.local_maps(params, batch_stats))
+    return rows
+
+
+def _gap_closed(summaries, checkpoints, sources) -> dict[str, dict]:
+    from sslocal import baselines as baselines_lib
+
+    gaps = {}
+    for model in model_labels(checkpoints):
+        for name in sources:
+            candidates = [f"{kind} / {name}" for kind in ("center", "random", "untrained")]
+            best = {key: max(candidates, key=lambda c, key=key: summaries[c][key])
+                    for key in ("cIoU", "AUC")}
+            oracle, trained = summaries[f"oracle / {name}"], summaries[f"{model} / {name}"]
+            gaps[f"{model} / {name}"] = {
+                key: baselines_lib.gap_closed(trained[key], summaries[best[key]][key],
+                                              oracle[key]) for key in ("cIoU", "AUC")}
+            gaps[f"{model} / {name}"]["best_baseline"] = best["cIoU"].split(" / ")[0]
+    return gaps

@@ -179,3 +179,14 @@ def test_response_map_on_explicit_mesh():
     assert alpha.sharding.spec[:2] == ("data", None)
     np.testing.assert_allclose(np.asarray(alpha), np.asarray(response_map(V, A)), atol=1e-6)
     np.testing.assert_allclose(np.asarray(diag), np.asarray(diagonal_map(V, A)), atol=1e-6)
+
+
+def test_audio_pool_averages_the_spectrogram_first():
+    pooled = AudioVisualModel(width=8, embed_dim=16, audio_pool=2, rngs=nnx.Rngs(0))
+    plain = AudioVisualModel(width=8, embed_dim=16, rngs=nnx.Rngs(0))
+    pooled.eval()
+    plain.eval()
+    spec = np.random.default_rng(0).normal(size=(2, 64, 48, 1)).astype(np.float32)
+    by_hand = spec.reshape(2, 32, 2, 24, 2, 1).mean(axis=(2, 4))  # 2 x 2 means, in numpy
+    np.testing.assert_allclose(pooled.encode_audio(jnp.asarray(spec)),
+                               plain.encode_audio(jnp.asarray(by_hand)), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,8 @@ import pytest
 from configs import default
 
 CONFIG_DIR = Path(__file__).parent.parent / "configs"
-EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "default"))
+EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                     if p.stem not in ("__init__", "default"))
 
 
 def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:

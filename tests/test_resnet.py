@@ -150,3 +150,13 @@ def test_train_eval_modes(tiny):
     after = _flat(model, nnx.BatchStat)
     assert not np.allclose(after["bn1.mean"], before["bn1.mean"])
     assert not np.allclose(np.asarray(y_train), np.asarray(y_eval))
+
+
+def test_output_stride_16_keeps_the_parameters_and_doubles_the_map():
+    coarse = ResNet18(width=8, rngs=nnx.Rngs(0))
+    fine = ResNet18(width=8, output_stride=16, rngs=nnx.Rngs(0))
+    assert count_params(fine) == count_params(coarse)
+    x = jnp.zeros((1, 64, 64, 3))
+    assert coarse(x).shape == (1, 2, 2, 64) and fine(x).shape == (1, 4, 4, 64)
+    with pytest.raises(ValueError, match="output_stride"):
+        ResNet18(width=8, output_stride=8, rngs=nnx.Rngs(0))

@@ -48,12 +48,19 @@ class AudioVisualModel(nnx.Module):
         width: int = 64,
         embed_dim: int = 512,
         dtype=jnp.float32,
+        audio_pool: int = 1,
+        image_stride: int = 32,
         rngs: nnx.Rngs,
     ):
+        """audio_pool > 1 average-pools the spectrogram by that factor before the audio tower:
+        not in the paper (1), a cheaper audio tower for CPU demos. image_stride 16 gives the
+        image tower a 2x finer map (ResNet18.output_stride; the paper: 32)."""
         self.width = width
         self.embed_dim = embed_dim
+        self.audio_pool = audio_pool
         feat = 8 * width
-        self.imgnet = ResNet18(in_channels=3, width=width, dtype=dtype, rngs=rngs)
+        self.imgnet = ResNet18(in_channels=3, width=width, dtype=dtype,
+                               output_stride=image_stride, rngs=rngs)
         self.img_proj = nnx.Conv(
             feat,
             embed_dim,
@@ -81,6 +88,9 @@ class AudioVisualModel(nnx.Module):
 
     def encode_audio(self, spec: jax.Array) -> jax.Array:
         """(B, F, T, 1) log spectrogram -> A (B, D) float32, unit norm."""
+        if self.audio_pool > 1:
+            window = (self.audio_pool, self.audio_pool)
+            spec = nnx.avg_pool(spec, window, strides=window, padding="SAME")
         f = global_max_pool(self.audnet(spec))
         a = self.aud_proj(f)
         return l2_normalize(a.astype(jnp.float32))

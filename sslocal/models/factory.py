@@ -35,7 +35,9 @@ def build_model(model_config: ml_collections.ConfigDict, seed: int = 0) -> Audio
     """PROTOCOL section 2: the image tower from torchvision's ImageNet weights when configured,
     everything else initialised per the protocol."""
     model = AudioVisualModel(width=model_config.width, embed_dim=model_config.embed_dim,
-                             dtype=DTYPES[model_config.dtype], rngs=nnx.Rngs(seed))
+                             dtype=DTYPES[model_config.dtype],
+                             audio_pool=model_config.audio_pool,
+                             image_stride=model_config.image_stride, rngs=nnx.Rngs(seed))
     path = _weights_path(model_config.image_pretrained)
     if path is not None:
         check_weights_files(model_config)

@@ -97,7 +97,8 @@ class BasicBlock(nnx.Module):
 class ResNet18(nnx.Module):
     """ResNet18 trunk without average pool and classifier.
 
-    Input (B, H, W, in_channels); output (B, ceil(H/32), ceil(W/32), 8 * width) in `dtype`.
+    Input (B, H, W, in_channels); output (B, ceil(H/s), ceil(W/s), 8 * width) in `dtype`,
+    s = output_stride.
     Parameters are always float32; `dtype` is the compute dtype.
     """
 
@@ -107,8 +108,13 @@ class ResNet18(nnx.Module):
         in_channels: int = 3,
         width: int = 64,
         dtype=jnp.float32,
+        output_stride: int = 32,
         rngs: nnx.Rngs,
     ):
+        """output_stride 16 keeps layer4 at stride 1 (same parameters, a 2x finer map): not the
+        paper (32), a finer response map for small frames."""
+        if output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, got {output_stride}")
         self.in_channels = in_channels
         self.width = width
         self.dtype = dtype
@@ -117,7 +123,7 @@ class ResNet18(nnx.Module):
         in_ch = width
         for i, mult in enumerate((1, 2, 4, 8)):
             out_ch = width * mult
-            stride = 1 if i == 0 else 2
+            stride = 1 if i == 0 or (i == 3 and output_stride == 16) else 2
             blocks = [
                 BasicBlock(in_ch, out_ch, stride, dtype=dtype, rngs=rngs),
                 BasicBlock(out_ch, out_ch, 1, dtype=dtype, rngs=rngs),
