@@ -29,6 +29,7 @@ def _run_config(config: ml_collections.ConfigDict, margin: float, seed: int):
     run.train_dataset = STUDY_DATASET
     run.test_datasets = (STUDY_DATASET,)
     run.eval.report = False
+    run.eval.baselines = False
     run.lock()
     return run
 
