@@ -29,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.image_stride = 32  # 16: a 2x finer response map (small frames; not the paper)
     config.model.dtype = "float32"  # or "bfloat16": towers in bf16, params and loss in float32
     config.model.image_pretrained = "~/.cache/sslocal/resnet18-f37072fd.pth"
-    config.model.per_device_batch_stats = False  # True: BatchNorm statistics per device (DDP)
 
     # Loss (section 3).
     config.loss = "marginnce"  # marginnce | lvs | ezvsl

@@ -43,9 +43,8 @@ def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds:
         for seed in range(seeds):
             run_dir = workdir / f"margin{margin:+.2f}_seed{seed}"
             final = run_dir / "final_metrics.json"
-            if final.exists():
-                results = json.loads(final.read_text())
-            else:
+            results = json.loads(final.read_text()) if final.exists() else {}
+            if STUDY_DATASET not in results:  # not run yet, or interrupted: (re)start
                 results = train.train_and_evaluate(_run_config(config, margin, seed), run_dir)
             runs.setdefault(f"{margin:+.2f}", []).append(results[STUDY_DATASET])
     table = {margin: {key: (float(np.mean([r[key] for r in rs])),
