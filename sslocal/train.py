@@ -237,6 +237,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpointer.close()
         writer.close()
         signal.signal(signal.SIGTERM, previous_handler)
-    if is_main and results:
+    if is_main and results and "preempted_at_step" not in results:
         (workdir / "final_metrics.json").write_text(json.dumps(results, indent=2))
+    if test_sets and "preempted_at_step" not in results and (config.eval.report
+                                                              or config.eval.baselines):
+        # The best checkpoint (by the first test set's cIoU) once more, with the report and
+        # the baselines; the per-epoch numbers above are the last epoch's.
+        evaluate.main(config, [str(workdir)], report=config.eval.report,
+                      out=str(workdir / "eval"), baselines=config.eval.baselines)
     return results
