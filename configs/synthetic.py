@@ -33,7 +33,7 @@ def get_config():
     config.batch_size = 64
     config.eval_batch_size = 64
     config.learning_rate = 1e-3
-    config.num_epochs = 8
+    config.num_epochs = 6
     config.log_every_steps = 16
     config.checkpoint_every_steps = 64
     config.eval.report = True
