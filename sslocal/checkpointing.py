@@ -139,8 +139,14 @@ def _restore_workdir_state(path: Path, which: str) -> tuple[dict, str]:
             step = manager.best_step() if kind == BEST_DIR else manager.latest_step()
             if step is None:
                 continue
+            # A target laid out on this process's first device: the run may have been saved
+            # from another topology (8 GPUs) than the one evaluating it (a laptop).
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m, device=device: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                manager.item_metadata(step)["state"])
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore()))
+                state=ocp.args.StandardRestore(target)))
         return restored.state, f"{path / kind}/{step}"
     raise FileNotFoundError(f"no checkpoint in {path}: expected {BEST_DIR}/ or {LATEST_DIR}/")
 

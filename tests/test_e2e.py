@@ -1,6 +1,9 @@
 """train_and_evaluate end to end on synthetic_av/tiny through TFDS, Grain and Orbax; resume."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -64,3 +67,11 @@ def test_train_evaluate_write_and_resume(data_dir, tmp_path):
         np.testing.assert_array_equal(a, b)
     lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "train/loss" in x] == [2, 3, 4, 6]
+
+    # Saved from 8 devices, loaded on a machine with one (evaluating a GPU run on a laptop).
+    worker = os.path.join(os.path.dirname(__file__), "workers", "restore_one_device.py")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run([sys.executable, worker, str(straight)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "LOADED" in out.stdout and out.stdout.strip().endswith("DEVICES 1")
