@@ -36,8 +36,10 @@ def build_model(model_config: ml_collections.ConfigDict, seed: int = 0) -> Audio
     everything else initialised per the protocol."""
     model = AudioVisualModel(width=model_config.width, embed_dim=model_config.embed_dim,
                              dtype=DTYPES[model_config.dtype],
-                             audio_pool=model_config.audio_pool,
-                             image_stride=model_config.image_stride, rngs=nnx.Rngs(seed))
+                             # Absent in configs written before these knobs: the paper's values.
+                             audio_pool=model_config.get("audio_pool", 1),
+                             image_stride=model_config.get("image_stride", 32),
+                             rngs=nnx.Rngs(seed))
     path = _weights_path(model_config.image_pretrained)
     if path is not None:
         check_weights_files(model_config)
