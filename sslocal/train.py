@@ -226,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                         if isinstance(v, int | float)}, prefix=f"eval/{name}")
                 primary = results[config.test_datasets[0]]
                 checkpointer.save_best(step, state, {"cIoU": primary["cIoU"]})
+        if test_sets and not results:  # resumed after its last step: evaluate it once
+            results = evaluator.run_all(state.params, state.batch_stats, test_sets)
     except _Preempted:
         step = int(state.step)
         logger.warning("SIGTERM: saving a checkpoint at step %d before exiting", step)

@@ -200,61 +200,18 @@ def test_local_maps_match_the_sharded_step(model, source, data_dir, result8):
 # ------------------------------------------------------------------------------------- OGL
 
 
-def torchvision_resnet18(torch, width=8):
-    """A torchvision-layout ResNet18 (same module names and state-dict keys), random weights
-    and BatchNorm statistics, in eval mode."""
-    nn = torch.nn
+def torchvision_resnet18(width=8):
+    """A torchvision-layout ResNet18, random weights and BatchNorm statistics, in eval mode."""
+    from tests.torch_reference import TorchResNet18, randomize
 
-    class Block(nn.Module):
-        def __init__(self, inp, out, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(out)
-            self.conv2 = nn.Conv2d(out, out, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(out)
-            self.downsample = None
-            if stride != 1 or inp != out:
-                self.downsample = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
-                                                nn.BatchNorm2d(out))
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-    class ResNet18(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            inp = width
-            for i, mult in enumerate((1, 2, 4, 8)):
-                blocks = [Block(inp, width * mult, 1 if i == 0 else 2),
-                          Block(width * mult, width * mult, 1)]
-                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-                inp = width * mult
-            self.fc = nn.Linear(8 * width, 1000)
-
-        def forward(self, x):  # the layer4 map (OGL's features)
-            x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    generator = torch.Generator().manual_seed(3)
-    net = ResNet18()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0, (2.0 / m.weight[0].numel()) ** 0.5, generator=generator)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=generator)
-                m.bias.normal_(0, 0.1, generator=generator)
-                m.running_mean.normal_(0, 0.1, generator=generator)
-                m.running_var.uniform_(0.5, 1.5, generator=generator)
+    net = TorchResNet18(3, width)
+    randomize(net, 3)
     return net.eval()
 
 
 def test_ogl_end_to_end_with_a_torchvision_file(model_dir, source, data_dir, tmp_path):
     torch = pytest.importorskip("torch")
-    net = torchvision_resnet18(torch)
+    net = torchvision_resnet18()
     weights = tmp_path / "resnet18.pth"
     torch.save(net.state_dict(), weights)
     config = tiny_config(data_dir)
@@ -282,7 +239,7 @@ def test_ogl_end_to_end_with_a_torchvision_file(model_dir, source, data_dir, tmp
     spec = pipeline.preprocess_spectrogram(record["spectrogram"])[None]
     maps = evaluator.local_maps(params, batch_stats)(image, spec)
     with torch.no_grad():
-        features = net(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
+        features = net.features(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
         obj = features.abs().mean(1, keepdim=True).double()
         obj = torch.nn.functional.interpolate(obj, size=(224, 224), mode="bilinear",
                                               align_corners=True)[0, 0].numpy()
