@@ -13,8 +13,9 @@ D 128) trained from scratch (no ImageNet weights exist for synthetic scenes); a 
 rate and a smaller batch for the short budget.
 
 Differs from default.py in: train_dataset, test_datasets, image_size, model.width,
-model.embed_dim, model.image_pretrained, model.image_stride, model.audio_pool, batch_size, eval_batch_size, learning_rate, num_epochs,
-log_every_steps, checkpoint_every_steps, eval.report, eval.baselines.
+model.embed_dim, model.image_pretrained, model.image_stride, model.audio_pool, batch_size,
+eval_batch_size, learning_rate, num_epochs, log_every_steps, checkpoint_every_steps, eval.report,
+eval.baselines.
 """
 
 from configs import default
