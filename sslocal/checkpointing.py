@@ -19,6 +19,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 LATEST_DIR = "checkpoints"
@@ -168,7 +169,9 @@ def _fill(like: Any, raw: dict, what: str, name: str) -> Any:
             raise ValueError(f"{what} holds another model shape: {name}.{key} is "
                              f"{tuple(value.shape)}, the model expects {tuple(target.shape)}")
         sharding = getattr(target, "sharding", None)
-        leaves.append(jax.device_put(value.astype(target.dtype), sharding))
+        # From host memory: every process holds the same values, so placing them on a global
+        # (multi-host) sharding needs no cross-host transfer.
+        leaves.append(jax.device_put(np.asarray(value, dtype=target.dtype), sharding))
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 

@@ -308,6 +308,10 @@ def trained(tmp_path_factory):
     config.model.width, config.model.embed_dim = WIDTH, 32
     config.batch_size = config.eval_batch_size = 16
     config.learning_rate = 1e-3
+    # The setup this test was calibrated on (the paper's stride-32 map, full spectrograms), not
+    # the demo's knobs: it localizes the moving object in 28 / 36 steps.
+    config.model.image_stride, config.model.audio_pool = 32, 1
+    config.eval.baselines = False
     config.num_epochs, config.max_steps = 1000, TRAIN_STEPS
     config.eval.report = False
     config.log_every_steps = config.checkpoint_every_steps = 10_000

@@ -25,6 +25,7 @@ def tiny_config(data_dir: str):
     config.eval_batch_size = 8
     config.max_steps = 2
     config.eval.report = False
+    config.eval.baselines = False
     return config
 
 
