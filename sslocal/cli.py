@@ -138,7 +138,17 @@ def run(argv: list[str] | None = None) -> None:
             print(f"sslocal {command}: error: {error}", file=sys.stderr)
             sys.exit(1)
 
-    app.run(main, argv=argv)
+    def parse_flags(args: list[str]) -> list[str]:
+        try:
+            return app.parse_flags_with_usage(args)
+        except (AttributeError, KeyError) as error:  # a --config.* field the config lacks
+            while error.args and isinstance(error.args[0], Exception):
+                error = error.args[0]  # ml_collections wraps its KeyError in an AttributeError
+            detail = " ".join(str(error.args[0] if error.args else error).split())
+            print(f"sslocal {command}: error: no such config field: {detail}", file=sys.stderr)
+            sys.exit(1)
+
+    app.run(main, argv=argv, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":
