@@ -1,0 +1,121 @@
+"""Host memory of a long tiny training run: the resident set must stay flat after warm-up.
+
+    python benchmarks/memory_long_run.py [--steps 2000] [--data_dir DIR] [--workdir DIR]
+
+Trains synthetic_av/tiny (64 training scenes; width 8, D 16, 64 px, batch 8: 8 steps an epoch)
+through train_and_evaluate with everything a real run does: Grain loading, a checkpoint (model,
+optimizer, data-iterator state) at every epoch end and every 100 steps, metrics every 50 steps,
+an evaluation and best-checkpoint update every 20 epochs. This process's resident set size is
+read from /proc/self/statm (Linux) every 100 steps. Prints the RSS at step 200 and at the last
+step and the growth between them, the growth from the lowest RSS after step 200 and the trend;
+exits with status 1 when either growth is 5% or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and sslocal/
+
+from configs import synthetic  # noqa: E402
+from sslocal import train  # noqa: E402
+
+SAMPLE_EVERY = 100
+BASELINE_STEP = 200
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now (not the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def record_rss(samples: dict[int, int]) -> None:
+    """Wraps the train step so that every SAMPLE_EVERY-th call records the RSS."""
+    make_train_step = train.make_train_step
+
+    def make(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+        calls = [0]
+
+        def step(state, batch):
+            out = step_fn(state, batch)
+            calls[0] += 1
+            if calls[0] % SAMPLE_EVERY == 0:
+                samples[calls[0]] = rss_bytes()
+            return out
+
+        return step
+
+    train.make_train_step = make
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--data_dir", default=None, help="default: a temporary directory")
+    parser.add_argument("--workdir", default=None, help="default: a temporary directory "
+                        "(must not hold a run: the steps are counted from 0)")
+    parser.add_argument("--limit", type=float, default=5.0, help="allowed growth, percent")
+    args = parser.parse_args()
+    if args.steps < BASELINE_STEP + SAMPLE_EVERY:
+        parser.error(f"--steps must be at least {BASELINE_STEP + SAMPLE_EVERY}")
+
+    with tempfile.TemporaryDirectory(prefix="sslocal_memory_") as tmp:
+        config = synthetic.get_config()
+        config.train_dataset = "synthetic_av/tiny"
+        config.test_datasets = ("synthetic_av/tiny",)
+        config.data_dir = args.data_dir or os.path.join(tmp, "data")
+        config.image_size = args.image_size
+        config.model.width = args.width
+        config.model.embed_dim = 16
+        config.batch_size = config.eval_batch_size = args.batch_size
+        steps_per_epoch = 64 // args.batch_size
+        config.num_epochs = math.ceil(args.steps / steps_per_epoch)
+        config.max_steps = args.steps
+        config.log_every_steps = 50
+        config.checkpoint_every_steps = 100
+        config.eval_every_epochs = 20
+        config.eval.report = False
+        samples: dict[int, int] = {}
+        record_rss(samples)
+        start = time.perf_counter()
+        train.train_and_evaluate(config, args.workdir or os.path.join(tmp, "work"))
+        seconds = time.perf_counter() - start
+
+    mib = 2.0**20
+    print(f"\n{'step':>6} {'RSS MiB':>9}")
+    for step, rss in sorted(samples.items()):
+        print(f"{step:>6} {rss / mib:>9.1f}")
+    base, last_step = samples[BASELINE_STEP], max(samples)
+    last = samples[last_step]
+    growth = 100.0 * (last - base) / base
+    # Step 200 may sit on a transient (the first evaluation's buffers, freed later): the growth
+    # from the lowest RSS after it, and the trend, show a slow leak that the endpoints would hide.
+    low_step = min((s for s in samples if s >= BASELINE_STEP), key=samples.get)
+    from_low = 100.0 * (last - samples[low_step]) / samples[low_step]
+    later = sorted(s for s in samples if s >= low_step)
+    slope = np.polyfit(later, [samples[s] / mib for s in later], 1)[0] * 1000
+    ok = growth < args.limit and from_low < args.limit
+    print(f"\n{args.steps} steps in {seconds:.0f} s; RSS at step {BASELINE_STEP}: "
+          f"{base / mib:.1f} MiB, at step {last_step}: {last / mib:.1f} MiB; growth "
+          f"{growth:+.2f}%; from the lowest after step {BASELINE_STEP} (step {low_step}, "
+          f"{samples[low_step] / mib:.1f} MiB): {from_low:+.2f}%; trend since then "
+          f"{slope:+.1f} MiB per 1000 steps (limit {args.limit:.0f}%): "
+          f"{'OK' if ok else 'TOO MUCH'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
