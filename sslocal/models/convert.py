@@ -11,7 +11,6 @@ Name mapping (the NNX attribute paths mirror the torch module names):
 
 from __future__ import annotations
 
-import pickle  # only for its exception class: torch raises it when weights_only refuses a file
 from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any
@@ -46,7 +45,7 @@ def read_torch_file(path: str | PathLike) -> Any:
     torch = _import_torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except torch.serialization.pickle.UnpicklingError as e:  # weights_only refused the file
         raise ValueError(
             f"refusing to load {path} for safety: torch.load(weights_only=True) accepts only "
             f"tensors and plain containers, and this file is not one (it would need arbitrary "
