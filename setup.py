@@ -27,6 +27,7 @@ setup(
         "absl-py>=2.1",
         "numpy>=1.26",
         "pillow>=10.0",
+        "simplejpeg>=1.9",
         "tensorboardX>=2.6.2",
         "tqdm>=4.66",
         "matplotlib>=3.8",

@@ -14,7 +14,7 @@ mkdir -p "$DEST"
 pip download -q --no-deps --only-binary=:all: --dest "$DEST" \
   --python-version "$PY_VERSION" --implementation cp --platform manylinux2014_x86_64 \
   --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
-  grain==0.2.18 array-record==0.8.6
+  grain==0.2.18 array-record==0.8.6 simplejpeg==1.9.0
 # Pure Python (sdist-only ones are built into py3 wheels here).
 pip wheel -q --no-deps --wheel-dir "$DEST" \
   ml_collections==1.1.0 tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 \

@@ -225,10 +225,12 @@ def _bench_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 def synthetic_batch(batch_size: int, image_size: int, spec_shape=SPEC_SHAPE,
                     seed: int = 0) -> dict[str, np.ndarray]:
-    """A host batch shaped like the loader's, with random (not zero) values."""
+    """A host batch as the loader makes it (uint8 frames, float16 log spectrograms), with
+    random (not zero) values."""
     rng = np.random.default_rng(seed)
-    return {"image": rng.standard_normal((batch_size, image_size, image_size, 3), np.float32),
-            "spec": rng.standard_normal((batch_size, *spec_shape, 1), np.float32) - 1.0}
+    spec = rng.normal(-8.0, 3.0, (batch_size, *spec_shape, 1))
+    return {"image": rng.integers(0, 256, (batch_size, image_size, image_size, 3), np.uint8),
+            "spec": spec.astype(np.float16)}
 
 
 def _device_info(mesh: jax.sharding.Mesh) -> dict[str, Any]:
@@ -363,8 +365,8 @@ def _dataset_and_source(config, dataset: str | None):
 
 
 def benchmark_input(config: ml_collections.ConfigDict, dataset: str | None = None, *,
-                    num_batches: int = MIN_STEPS, num_threads: int | None = None,
-                    normalize: bool = True) -> dict[str, Any]:
+                    num_batches: int = MIN_STEPS, num_threads: int | None = None
+                    ) -> dict[str, Any]:
     """The Grain training loader alone (pipeline.benchmark_input) on `dataset` (default
     config.train_dataset), at the dataset's frame size and config.batch_size."""
     from sslocal.data import pipeline
@@ -374,7 +376,7 @@ def benchmark_input(config: ml_collections.ConfigDict, dataset: str | None = Non
     result = pipeline.benchmark_input(
         source, global_batch_size=config.batch_size, image_size=image_size,
         num_batches=num_batches, worker_count=config.worker_count, num_threads=threads,
-        seed=config.seed, normalize=normalize)
+        seed=config.seed)
     return {"kind": "input", "dataset": dataset, "num_examples": len(source),
             "batch_size": config.batch_size, "image_size": image_size,
             "host_cpu_count": os.cpu_count(), **result}

@@ -68,12 +68,14 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
 def make_grad_fn(graphdef: nnx.GraphDef, loss_fn: Callable):
     """(params, batch_stats, batch) -> (loss, grads, updated batch_stats): the towers in train
-    mode on the whole (global) batch, so BatchNorm statistics and the B x B negatives are global.
+    mode on the whole (global) batch of the loader's uint8 frames and float16 spectrograms
+    (finished by pipeline.train_inputs), so BatchNorm statistics and the B x B negatives are
+    global.
     The NNX graph is rebuilt only while tracing; compiled steps see plain arrays."""
 
     def loss_grads_stats(params, batch_stats, batch):
         def loss_of(model):
-            V, A = model(batch["image"], batch["spec"])
+            V, A = model(*pipeline.train_inputs(batch))
             return loss_fn(V, A)
 
         model = nnx.merge(graphdef, params, batch_stats)

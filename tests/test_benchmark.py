@@ -144,7 +144,8 @@ def test_counter_agrees_with_xla_cost_analysis_forward_and_train():
     graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     config = tiny_config()
     grad_fn = train.make_grad_fn(graphdef, train.loss_from_config(config))
-    lowered = jax.jit(grad_fn).lower(params, stats, {"image": images, "spec": spec})
+    loader_batch = {"image": images.astype(jnp.uint8), "spec": spec.astype(jnp.float16)}
+    lowered = jax.jit(grad_fn).lower(params, stats, loader_batch)
     ratio = _flops(lowered.cost_analysis()) / (batch * counted["train_step"])
     assert 1.0 <= ratio < 1.04
 

@@ -372,6 +372,16 @@ def test_synthetic_is_deterministic_and_goes_through_the_real_path(tmp_path):
     assert not np.array_equal(a["test"]["test_000000"]["spectrogram"],
                               a["train"]["train_000000"]["spectrogram"])
     assert a["train"]["train_000000"]["image_center_crop"] == b""
+    # Written uncompressed (the loader's reads cost a third of zstd's), and TFDS's own
+    # ArrayRecord writer is back in place after the build.
+    from array_record.python import array_record_module
+    from tensorflow_datasets.core import file_adapters
+
+    for path in (tmp_path / "a").rglob("*.array_record-*"):
+        options = array_record_module.ArrayRecordReader(str(path)).writer_options_string()
+        assert "uncompressed" in options and "zstd" not in options, options
+    fmt = file_adapters.FileFormat.ARRAY_RECORD
+    assert file_adapters.ADAPTER_FOR_FORMAT[fmt] is file_adapters.ArrayRecordFileAdapter
 
 
 def _write_mp4(path, colours, seconds=4.0, freq=1000.0, fps=4, sr=44100):
