@@ -14,6 +14,8 @@ exits with status 1 when either growth is 5% or more.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import math
 import os
 import sys
@@ -38,8 +40,29 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def record_rss(samples: dict[int, int]) -> None:
-    """Wraps the train step so that every SAMPLE_EVERY-th call records the RSS."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_in_use() -> int | None:
+    """Bytes the C heap (glibc malloc: arenas + mmapped blocks) holds allocated now; None
+    without glibc >= 2.33. RSS growing while this stays flat is allocator fragmentation, not
+    a leak."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def record_rss(samples: dict[int, int], heap: dict[int, int | None],
+               objects: dict[int, int]) -> None:
+    """Wraps the train step so that every SAMPLE_EVERY-th call records the RSS, the C heap in
+    use and the number of Python objects the garbage collector tracks."""
     make_train_step = train.make_train_step
 
     def make(*args, **kwargs):
@@ -51,6 +74,8 @@ def record_rss(samples: dict[int, int]) -> None:
             calls[0] += 1
             if calls[0] % SAMPLE_EVERY == 0:
                 samples[calls[0]] = rss_bytes()
+                heap[calls[0]] = malloc_in_use()
+                objects[calls[0]] = len(gc.get_objects())
             return out
 
         return step
@@ -89,15 +114,18 @@ def main() -> int:
         config.eval_every_epochs = 20
         config.eval.report = False
         samples: dict[int, int] = {}
-        record_rss(samples)
+        heap: dict[int, int | None] = {}
+        objects: dict[int, int] = {}
+        record_rss(samples, heap, objects)
         start = time.perf_counter()
         train.train_and_evaluate(config, args.workdir or os.path.join(tmp, "work"))
         seconds = time.perf_counter() - start
 
     mib = 2.0**20
-    print(f"\n{'step':>6} {'RSS MiB':>9}")
+    print(f"\n{'step':>6} {'RSS MiB':>9} {'malloc MiB':>11} {'objects':>9}")
     for step, rss in sorted(samples.items()):
-        print(f"{step:>6} {rss / mib:>9.1f}")
+        in_use = "n/a" if heap[step] is None else f"{heap[step] / mib:.1f}"
+        print(f"{step:>6} {rss / mib:>9.1f} {in_use:>11} {objects[step]:>9}")
     base, last_step = samples[BASELINE_STEP], max(samples)
     last = samples[last_step]
     growth = 100.0 * (last - base) / base
