@@ -59,8 +59,16 @@ def malloc_in_use() -> int | None:
     return info.uordblks + info.hblkhd
 
 
+def malloc_trim() -> None:
+    """Hands the C heap's free pages back to the system (glibc), so RSS counts memory in use."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def record_rss(samples: dict[int, int], heap: dict[int, int | None],
-               objects: dict[int, int]) -> None:
+               objects: dict[int, int], trim: bool = False) -> None:
     """Wraps the train step so that every SAMPLE_EVERY-th call records the RSS, the C heap in
     use and the number of Python objects the garbage collector tracks."""
     make_train_step = train.make_train_step
@@ -73,6 +81,8 @@ def record_rss(samples: dict[int, int], heap: dict[int, int | None],
             out = step_fn(state, batch)
             calls[0] += 1
             if calls[0] % SAMPLE_EVERY == 0:
+                if trim:
+                    malloc_trim()
                 samples[calls[0]] = rss_bytes()
                 heap[calls[0]] = malloc_in_use()
                 objects[calls[0]] = len(gc.get_objects())
@@ -93,6 +103,9 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="default: a temporary directory "
                         "(must not hold a run: the steps are counted from 0)")
     parser.add_argument("--limit", type=float, default=5.0, help="allowed growth, percent")
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) before each "
+                        "reading (diagnosis: growth that disappears is freed memory the "
+                        "allocator kept, not a leak)")
     args = parser.parse_args()
     if args.steps < BASELINE_STEP + SAMPLE_EVERY:
         parser.error(f"--steps must be at least {BASELINE_STEP + SAMPLE_EVERY}")
@@ -116,7 +129,7 @@ def main() -> int:
         samples: dict[int, int] = {}
         heap: dict[int, int | None] = {}
         objects: dict[int, int] = {}
-        record_rss(samples, heap, objects)
+        record_rss(samples, heap, objects, trim=args.trim)
         start = time.perf_counter()
         train.train_and_evaluate(config, args.workdir or os.path.join(tmp, "work"))
         seconds = time.perf_counter() - start

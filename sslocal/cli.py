@@ -41,6 +41,9 @@ flags.DEFINE_float("every", 1.0, "localize: seconds between the steps of a video
 flags.DEFINE_list("margins", ["0.2", "0", "-0.1", "-0.2", "-0.3", "-0.4"], "study margin: margins")
 flags.DEFINE_integer("seeds", 3, "study margin: seeds per margin")
 FLAGS = flags.FLAGS
+# 128 + SIGTERM: what a shell reports for a process that SIGTERM ended. A preempted run saves
+# and exits with it, so that schedulers (SLURM --requeue, job retries) see an unfinished job.
+PREEMPTED_EXIT_CODE = 143
 
 
 class UserError(Exception):
@@ -66,7 +69,11 @@ def _dispatch(command: str, args: list[str]) -> None:
 
         sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                         FLAGS.process_id)
-        train.train_and_evaluate(_config(), _require("workdir"))
+        results = train.train_and_evaluate(_config(), _require("workdir"))
+        if "preempted_at_step" in results:
+            print(f"sslocal train: SIGTERM: stopped after step {results['preempted_at_step']} "
+                  f"with its checkpoint saved; the same command resumes", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_CODE)
     elif command == "evaluate":
         from sslocal import evaluate
 

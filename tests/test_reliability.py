@@ -598,6 +598,24 @@ def test_compile_listener_sees_compilations(tmp_path):
     assert len(compiles) >= 1
 
 
+def test_preempted_train_command_exits_143(tmp_path):
+    """`sslocal train` stopped by SIGTERM (after its save, which the test above checks) tells
+    the scheduler that the job did not finish; a finished run exits 0."""
+    script = tmp_path / "cli.py"
+    script.write_text("import json, os\nfrom sslocal import cli, train\n"
+                      "train.train_and_evaluate = lambda config, workdir: "
+                      "json.loads(os.environ['RESULT'])\ncli.run()\n")
+    args = [sys.executable, str(script), "train", f"--config={REPO / 'configs/synthetic.py'}",
+            f"--workdir={tmp_path / 'work'}"]
+    preempted = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
+                               env=_env(RESULT='{"preempted_at_step": 7}'))
+    assert preempted.returncode == 143, preempted.stderr[-3000:]
+    assert "SIGTERM: stopped after step 7 with its checkpoint saved" in preempted.stderr
+    finished = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
+                              env=_env(RESULT='{"synthetic_av/small": {"cIoU": 0.5}}'))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+
 # -- 5. unsafe PyTorch checkpoints ----------------------------------------------------------------
 
 class _Payload:
