@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sslocal import checkpointing, evaluate, losses, sharding
 from sslocal.data import pipeline
@@ -136,6 +137,34 @@ class _Preempted(Exception):
     pass
 
 
+class PreemptionWatch:
+    """Has SIGTERM (what preemption sends) arrived, so that this step should be the last?
+
+    One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service
+    (started by jax.distributed.initialize) catches SIGTERM on whichever hosts get it and picks
+    one step at which every host answers True, so that all of them save the same step together;
+    hosts that decided on their own would wait forever in each other's collectives. A Python
+    handler there would replace the service's, so none is installed.
+    """
+
+    def __init__(self):
+        self.multi_process = jax.process_count() > 1
+        self._flag: list[bool] = []
+        self._previous = None
+        if not self.multi_process:
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.append(True))
+
+    def __call__(self, step: int) -> bool:
+        """Called once after every step (on every host, from the first step on)."""
+        if self.multi_process:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return bool(self._flag)
+
+    def close(self) -> None:
+        if not self.multi_process:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains per `config`, evaluating each epoch; resumes from `workdir` when it holds a run.
 
@@ -176,8 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     evaluator = evaluate.Evaluator(config, graphdef, mesh)
 
     writer = MetricWriter(workdir, enabled=is_main)
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    preemption = PreemptionWatch()
     start_step = int(state.step)
     results: dict[str, Any] = {}
     pending: list[tuple[int, dict]] = []
@@ -213,6 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             bar.update(1)
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
             save = step % config.checkpoint_every_steps == 0 or end_of_epoch
+            preempted = preemption(step)
             if step % config.log_every_steps == 0 or save or preempted:
                 flush_metrics(step)  # never checkpoint a step whose loss was not checked
             if preempted:
@@ -240,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         checkpointer.wait()
         checkpointer.close()
         writer.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        preemption.close()
     if is_main and results and "preempted_at_step" not in results:
         (workdir / "final_metrics.json").write_text(json.dumps(results, indent=2))
     if test_sets and "preempted_at_step" not in results and (config.eval.report

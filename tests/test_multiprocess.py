@@ -34,3 +34,9 @@ def test_two_processes_train_to_identical_parameters(tmp_path):
     assert all("TRAINED" in out for out in outputs)
     assert (workdir / "checkpoints" / "2").is_dir()
     assert (workdir / "metrics.jsonl").exists()  # written by process 0 only
+    # SIGTERM on process 1 only: both stopped after the same step, whose checkpoint is there.
+    stopped = {re.search(r"PREEMPTED (\S+)", out).group(1) for out in outputs}
+    assert len(stopped) == 1, outputs
+    (step,) = stopped
+    assert step != "None" and 3 <= int(step) < 8, outputs
+    assert (tmp_path / "run_preempted" / "checkpoints" / step).is_dir()

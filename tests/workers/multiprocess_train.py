@@ -1,10 +1,14 @@
 """One of several processes joined by jax.distributed on localhost (tests/test_multiprocess.py).
 
 argv: coordinator_address num_processes process_id data_dir workdir
-Prints "PARAMS <sha256 of this process's replica of the parameters after two steps>".
+Prints "PARAMS <sha256 of this process's replica of the parameters after two steps>", then
+"TRAINED" after a whole run, then "PREEMPTED <step>" after a run in which only process 1 gets
+SIGTERM (before its third step).
 """
 
 import hashlib
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +65,25 @@ def main():
     # The whole training loop too: per-host loading, global batch, collective checkpointing.
     train.train_and_evaluate(config, workdir)
     print("TRAINED", flush=True)
+
+    # Preemption that reaches one host only: every host must still stop after the same step
+    # and save it together (a host saving alone would wait for the others forever).
+    make_train_step = train.make_train_step
+
+    def make_step_that_preempts_process_1(*args, **kwargs):
+        step_fn = make_train_step(*args, **kwargs)
+
+        def step_fn_with_sigterm(state, batch):
+            if jax.process_index() == 1 and int(state.step) + 1 == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_fn(state, batch)
+
+        return step_fn_with_sigterm
+
+    train.make_train_step = make_step_that_preempts_process_1
+    config.max_steps = 8
+    results = train.train_and_evaluate(config, workdir + "_preempted")
+    print("PREEMPTED", results.get("preempted_at_step"), flush=True)
 
 
 if __name__ == "__main__":
