@@ -40,6 +40,17 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def rss_parts() -> dict[str, int]:
+    """RssAnon (heap, stacks, anonymous maps) and RssFile (mapped files) in bytes."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile"):
+                parts[key] = int(value.split()[0]) * 1024
+    return parts
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -68,7 +79,8 @@ def malloc_trim() -> None:
 
 
 def record_rss(samples: dict[int, int], heap: dict[int, int | None],
-               objects: dict[int, int], trim: bool = False) -> None:
+               objects: dict[int, int], parts: dict[int, dict[str, int]],
+               trim: bool = False) -> None:
     """Wraps the train step so that every SAMPLE_EVERY-th call records the RSS, the C heap in
     use and the number of Python objects the garbage collector tracks."""
     make_train_step = train.make_train_step
@@ -84,6 +96,7 @@ def record_rss(samples: dict[int, int], heap: dict[int, int | None],
                 if trim:
                     malloc_trim()
                 samples[calls[0]] = rss_bytes()
+                parts[calls[0]] = rss_parts()
                 heap[calls[0]] = malloc_in_use()
                 objects[calls[0]] = len(gc.get_objects())
             return out
@@ -129,16 +142,20 @@ def main() -> int:
         samples: dict[int, int] = {}
         heap: dict[int, int | None] = {}
         objects: dict[int, int] = {}
-        record_rss(samples, heap, objects, trim=args.trim)
+        parts: dict[int, dict[str, int]] = {}
+        record_rss(samples, heap, objects, parts, trim=args.trim)
         start = time.perf_counter()
         train.train_and_evaluate(config, args.workdir or os.path.join(tmp, "work"))
         seconds = time.perf_counter() - start
 
     mib = 2.0**20
-    print(f"\n{'step':>6} {'RSS MiB':>9} {'malloc MiB':>11} {'objects':>9}")
+    print(f"\n{'step':>6} {'RSS MiB':>9} {'anon MiB':>9} {'file MiB':>9} {'malloc MiB':>11} "
+          f"{'objects':>9}")
     for step, rss in sorted(samples.items()):
         in_use = "n/a" if heap[step] is None else f"{heap[step] / mib:.1f}"
-        print(f"{step:>6} {rss / mib:>9.1f} {in_use:>11} {objects[step]:>9}")
+        anon, file = (f"{parts[step].get(k, 0) / mib:.1f}" for k in ("RssAnon", "RssFile"))
+        print(f"{step:>6} {rss / mib:>9.1f} {anon:>9} {file:>9} {in_use:>11} "
+              f"{objects[step]:>9}")
     base, last_step = samples[BASELINE_STEP], max(samples)
     last = samples[last_step]
     growth = 100.0 * (last - base) / base
