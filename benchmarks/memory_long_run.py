@@ -1,14 +1,16 @@
 """Host memory of a long tiny training run: the resident set must stay flat after warm-up.
 
-    python benchmarks/memory_long_run.py [--steps 2000] [--data_dir DIR] [--workdir DIR]
+    python benchmarks/memory_long_run.py [--steps 2000] [--num_train 512] [--trim]
 
-Trains synthetic_av/tiny (64 training scenes; width 8, D 16, 64 px, batch 8: 8 steps an epoch)
-through train_and_evaluate with everything a real run does: Grain loading, a checkpoint (model,
-optimizer, data-iterator state) at every epoch end and every 100 steps, metrics every 50 steps,
-an evaluation and best-checkpoint update every 20 epochs. This process's resident set size is
-read from /proc/self/statm (Linux) every 100 steps. Prints the RSS at step 200 and at the last
-step and the growth between them, the growth from the lowest RSS after step 200 and the trend;
-exits with status 1 when either growth is 5% or more.
+Trains synthetic_av/tiny (width 8, D 16, 64 px, batch 8; --num_train scenes, 512 by default:
+64 steps an epoch) through train_and_evaluate with everything a real run does: Grain loading,
+a checkpoint (model, optimizer, data-iterator state) at every epoch end and every 100 steps,
+metrics every 50 steps, an evaluation and best-checkpoint update every 2 epochs. This
+process's resident set size is read from /proc/self/statm (Linux) every 100 steps, with its
+anonymous and file-backed parts, the C heap in use (glibc) and the Python object count.
+Prints the RSS at step 200 and at the last step and the growth between them, the growth from
+the lowest RSS after step 200 and the trend; exits with status 1 when either growth is 5% or
+more. `--num_train 64` saves every 8 steps (a stress test of checkpointing: 250 saves).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and ssl
 
 from configs import synthetic  # noqa: E402
 from sslocal import train  # noqa: E402
+from sslocal.data import builders  # noqa: E402
 
 SAMPLE_EVERY = 100
 BASELINE_STEP = 200
@@ -110,6 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--num_train", type=int, default=512, help="training scenes")
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--data_dir", default=None, help="default: a temporary directory")
@@ -128,16 +132,20 @@ def main() -> int:
         config.train_dataset = "synthetic_av/tiny"
         config.test_datasets = ("synthetic_av/tiny",)
         config.data_dir = args.data_dir or os.path.join(tmp, "data")
+        builder = builders.get_builder("synthetic_av/tiny", data_dir=config.data_dir,
+                                       num_train=args.num_train, num_test=16)
+        if not builder.is_prepared():
+            builder.download_and_prepare()
         config.image_size = args.image_size
         config.model.width = args.width
         config.model.embed_dim = 16
         config.batch_size = config.eval_batch_size = args.batch_size
-        steps_per_epoch = 64 // args.batch_size
+        steps_per_epoch = builder.info.splits["train"].num_examples // args.batch_size
         config.num_epochs = math.ceil(args.steps / steps_per_epoch)
         config.max_steps = args.steps
         config.log_every_steps = 50
         config.checkpoint_every_steps = 100
-        config.eval_every_epochs = 20
+        config.eval_every_epochs = 2
         config.eval.report = False
         samples: dict[int, int] = {}
         heap: dict[int, int | None] = {}
