@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sslocal import checkpointing, evaluate, losses, sharding
+from sslocal import checkpointing, evaluate, host_memory, losses, sharding
 from sslocal.data import pipeline
 from sslocal.data import prepare as data_prepare
 from sslocal.models import factory
@@ -168,8 +168,11 @@ class PreemptionWatch:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
     """Trains per `config`, evaluating each epoch; resumes from `workdir` when it holds a run.
 
-    Returns the last evaluation's metrics (and the best's, if evaluation ran).
+    Returns the last evaluation's metrics (and the best's, if evaluation ran). Caps glibc's
+    malloc arenas for this process first (see host_memory), so that a long run's host memory
+    stays flat.
     """
+    host_memory.limit_malloc_arenas()  # before the threads (XLA, Grain, Orbax) that use them
     workdir = Path(workdir)
     mesh = sharding.make_mesh()
     validate_config(config, mesh)
@@ -257,6 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                                         if isinstance(v, int | float)}, prefix=f"eval/{name}")
                 primary = results[config.test_datasets[0]]
                 checkpointer.save_best(step, state, {"cIoU": primary["cIoU"]})
+                host_memory.release_free_memory()
         if test_sets and not results:  # resumed after its last step: evaluate it once
             results = evaluator.run_all(state.params, state.batch_stats, test_sets)
     except _Preempted:
