@@ -18,6 +18,7 @@ setup(
         "flax>=0.12.0",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",
+        "tensorstore>=0.1.69",  # imported by checkpointing.py for its JSON-leak repair
         "tensorflow-datasets>=4.9.8",
         "grain>=0.2.12",
         "array-record>=0.7.0",
