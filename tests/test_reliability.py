@@ -695,7 +695,7 @@ def test_tensorstore_json_is_freed(to_json):
 
 def test_checkpoint_saves_leave_nothing_behind(tmp_path):
     """Hundreds of saves in a run must not pile up memory: the TensorStore JSON leak above cost
-    about 1 KB per array per save (24 lists and ~900 strings per save of the tiny model). The
+    about 250 bytes per array per save (~900 strings and 24 lists per save of the tiny model). The
     RSS over a 2,000-step run is measured by benchmarks/memory_long_run.py, not here."""
     import gc
 
