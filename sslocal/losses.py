@@ -1,53 +1,21 @@
-"""Contrastive localization losses (PROTOCOL.md section 3): marginnce, lvs, ezvsl.
+"""Contrastive localization losses (docs/protocol.md section 3): marginnce, lvs, ezvsl.
 
 Every loss is a pure function of V (B, h, w, D) and A (B, D), unit vectors over D, computed in
-float32 whatever their dtype. B is the global batch: under jit on a mesh every row sees every
-negative. On a mesh with Explicit axes (the default of `jax.make_mesh` on JAX 0.10+) the B x B
-response map of two batch-sharded operands needs an output sharding; `similarity` derives it
-from V's batch sharding unless one is given (`out_sharding`).
+float32 whatever their dtype, on `maps.similarity` (full float32 products: TF32 / bf16 passes
+would perturb alpha by ~1e-3, a visible shift once divided by beta = 0.03 inside the sigmoid).
+B is the global batch: under jit on a mesh every row sees every negative. `out_sharding` is
+passed on to `maps.similarity` (meshes with Explicit axes need it).
 """
 
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+
+from sslocal.maps import diagonal_map, similarity
 
 _F32 = jnp.float32
 _TINY = float(jnp.finfo(jnp.float32).tiny)
-# Full float32 matmuls: TF32 / bf16 passes would perturb alpha by ~1e-3, a visible shift once
-# divided by beta = 0.03 inside the sigmoid.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _batch_out_sharding(V: jax.Array):
-    """P(<V's batch axis>) when V's batch axis is explicitly sharded, else None (let jax decide)."""
-    spec = jax.typeof(V).sharding.spec
-    if len(spec) and spec[0] is not None:
-        return P(spec[0])
-    return None
-
-
-def similarity(V: jax.Array, A: jax.Array, out_sharding=None) -> jax.Array:
-    """Response map alpha[i, j, h, w] = <V_i[h, w], A_j>, (B, B, h, w) float32.
-
-    out_sharding: sharding of the result, passed to `jnp.einsum`. None: V's batch sharding on an
-    Explicit mesh (rows stay on the device holding V_i; A is gathered), nothing otherwise.
-    """
-    V = jnp.asarray(V).astype(_F32)
-    A = jnp.asarray(A).astype(_F32)
-    if V.ndim != 4 or A.ndim != 2 or V.shape[0] != A.shape[0] or V.shape[-1] != A.shape[-1]:
-        raise ValueError(f"expected V (B, h, w, D) and A (B, D), got {V.shape} and {A.shape}")
-    if out_sharding is None:
-        out_sharding = _batch_out_sharding(V)
-    return jnp.einsum("ihwd,jd->ijhw", V, A, precision=_HIGHEST, out_sharding=out_sharding)
-
-
-def _diagonal_map(V: jax.Array, A: jax.Array) -> jax.Array:
-    """alpha_ii (B, h, w), without gathering the diagonal of the sharded B x B map."""
-    V = jnp.asarray(V).astype(_F32)
-    A = jnp.asarray(A).astype(_F32)
-    return jnp.einsum("ihwd,id->ihw", V, A, precision=_HIGHEST)
 
 
 def _masked_mean(alpha: jax.Array, log_mask: jax.Array) -> jax.Array:
@@ -128,7 +96,7 @@ def lvs(
     """
     alpha = similarity(V, A, out_sharding)
     S = _masked_mean(alpha, _log_foreground(alpha, epsilon, beta))
-    alpha_ii = _diagonal_map(V, A)
+    alpha_ii = diagonal_map(V, A)
     N = _masked_mean(alpha_ii, _log_background(alpha_ii, epsilon2, beta))
     eye = jnp.eye(S.shape[0], dtype=_F32)
     logits = jnp.concatenate([S - margin * eye, N[:, None]], axis=1) / tau

@@ -1,4 +1,4 @@
-"""AudioVisualModel: shapes, dtypes, normalisation, initialisation, response maps."""
+"""AudioVisualModel: shapes, dtypes, normalisation, initialisation."""
 
 import math
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sslocal.models.av_model import AudioVisualModel, diagonal_map, l2_normalize, response_map
-from sslocal.models.resnet import count_params
+from sslocal.models.av_model import AudioVisualModel, l2_normalize
+from tests.test_resnet import count_params
 
 WIDTH, DIM = 8, 32
 
@@ -126,59 +126,6 @@ def test_initialisation(model):
     std = math.sqrt(2.0 / 512)  # fan-out of a 1x1 conv with 512 outputs
     assert abs(k.std() / std - 1.0) < 5 / math.sqrt(2 * k.size)
     assert np.all(np.asarray(fresh.img_proj.bias[...]) == 0.0)
-
-
-def test_response_map_against_numpy():
-    rng = np.random.default_rng(0)
-    V = rng.normal(size=(3, 4, 5, 6))
-    A = rng.normal(size=(3, 6))
-    expected = np.zeros((3, 3, 4, 5))
-    for i in range(3):
-        for j in range(3):
-            expected[i, j] = (V[i] * A[j]).sum(-1)
-    alpha = response_map(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
-    assert alpha.shape == (3, 3, 4, 5) and alpha.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(alpha), expected, rtol=1e-5, atol=1e-5)
-    diag = diagonal_map(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
-    assert diag.shape == (3, 4, 5) and diag.dtype == jnp.float32
-    np.testing.assert_allclose(
-        np.asarray(diag), np.einsum("ihwd,id->ihw", V, A), rtol=1e-5, atol=1e-5
-    )
-    np.testing.assert_allclose(np.asarray(diag), expected[np.arange(3), np.arange(3)], atol=1e-5)
-
-
-def test_response_map_hand_made():
-    """Cosines of one-hot vectors are exact; bfloat16 inputs still give float32 maps."""
-    V = np.zeros((2, 1, 2, 3), np.float32)
-    V[0, 0, 0, 0] = V[0, 0, 1, 1] = V[1, 0, 0, 2] = 1.0
-    V[1, 0, 1, 0] = -1.0
-    A = np.eye(3, dtype=np.float32)[:2]  # A_0 = e0, A_1 = e1
-    alpha = response_map(jnp.asarray(V, jnp.bfloat16), jnp.asarray(A, jnp.bfloat16))
-    assert alpha.dtype == jnp.float32
-    expected = np.array([[[[1, 0]], [[0, 1]]], [[[0, -1]], [[0, 0]]]], np.float32)
-    np.testing.assert_array_equal(np.asarray(alpha), expected)
-    diag = diagonal_map(jnp.asarray(V), jnp.asarray(A))
-    np.testing.assert_array_equal(np.asarray(diag), [[[1, 0]], [[0, 0]]])
-
-
-def test_response_map_on_explicit_mesh():
-    """With batch-sharded V and A on an Explicit mesh the B x B map needs an out_sharding."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    n = len(jax.devices())
-    mesh = jax.make_mesh((n,), ("data",))
-    rng = np.random.default_rng(1)
-    V = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 2, 3, 5)), jnp.float32))
-    A = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 5)), jnp.float32))
-    Vs = jax.device_put(V, NamedSharding(mesh, P("data")))
-    As = jax.device_put(A, NamedSharding(mesh, P("data")))
-    with jax.set_mesh(mesh):
-        alpha = jax.jit(lambda v, a: response_map(v, a, out_sharding=P("data", None)))(Vs, As)
-        diag = jax.jit(diagonal_map)(Vs, As)
-    assert alpha.sharding.spec[:2] == ("data", None)
-    np.testing.assert_allclose(np.asarray(alpha), np.asarray(response_map(V, A)), atol=1e-6)
-    np.testing.assert_allclose(np.asarray(diag), np.asarray(diagonal_map(V, A)), atol=1e-6)
 
 
 def test_audio_pool_averages_the_spectrogram_first():

@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sslocal.models.resnet import ResNet18, count_params
+from sslocal.models.resnet import ResNet18
+
+
+def count_params(module: nnx.Module) -> int:
+    """Trainable scalars (nnx.Param only, BatchNorm statistics excluded); abstract modules too."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,5 @@
-"""EZ-VSL audio-visual model (PROTOCOL 2): image map V (B,h,w,D), audio embedding A (B,D).
+"""EZ-VSL audio-visual model (docs/protocol.md section 2): image map V (B,h,w,D), audio
+embedding A (B,D). Their response maps are in sslocal.maps.
 
 Attribute names match the PyTorch reference state dict (imgnet, img_proj, audnet, aud_proj).
 """
@@ -18,7 +19,7 @@ _TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
 
 @jit_init
 def dense_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Truncated normal (at +-2 sigma), rescaled so the values have std 0.01 (PROTOCOL 2)."""
+    """Truncated normal (at +-2 sigma), rescaled so the values have std 0.01 (protocol 2)."""
     z = jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), dtype)
     return (0.01 / _TRUNC_STD) * z.reshape(shape)
 
@@ -98,17 +99,3 @@ class AudioVisualModel(nnx.Module):
     def __call__(self, images: jax.Array, spec: jax.Array) -> tuple[jax.Array, jax.Array]:
         return self.encode_image(images), self.encode_audio(spec)
 
-
-def response_map(V: jax.Array, A: jax.Array, *, out_sharding=None) -> jax.Array:
-    """alpha[i, j, h, w] = <V_i[h, w], A_j>: (B, h, w, D), (B', D) -> (B, B', h, w) float32.
-
-    `out_sharding` is passed to jnp.einsum (needed on meshes with explicit axes, DESIGN.md).
-    """
-    V = V.astype(jnp.float32)
-    A = A.astype(jnp.float32)
-    return jnp.einsum("ihwd,jd->ijhw", V, A, out_sharding=out_sharding)
-
-
-def diagonal_map(V: jax.Array, A: jax.Array) -> jax.Array:
-    """alpha_ii[h, w] = <V_i[h, w], A_i>: (B, h, w, D), (B, D) -> (B, h, w) float32."""
-    return jnp.einsum("ihwd,id->ihw", V.astype(jnp.float32), A.astype(jnp.float32))

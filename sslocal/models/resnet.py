@@ -26,7 +26,7 @@ def _normal(key: jax.Array, shape, dtype) -> jax.Array:
 
 @jit_init
 def conv_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """Kaiming normal, fan-out, ReLU gain (PROTOCOL 2): std = sqrt(2 / (kh * kw * out)).
+    """Kaiming normal, fan-out, ReLU gain (protocol 2): std = sqrt(2 / (kh * kw * out)).
 
     Untruncated, like torch.nn.init.kaiming_normal_. Kernel layout HWIO.
     """
@@ -36,7 +36,7 @@ def conv_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
 @jit_init
 def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
-    """BatchNorm scale ~ N(1, 0.02) (PROTOCOL 2)."""
+    """BatchNorm scale ~ N(1, 0.02) (docs/protocol.md section 2)."""
     return 1.0 + 0.02 * _normal(key, shape, dtype)
 
 
@@ -148,11 +148,3 @@ class ResNet18(nnx.Module):
                 x = block(x)
         return x
 
-
-def count_params(module: nnx.Module) -> int:
-    """Number of trainable scalars (nnx.Param only; BatchNorm running statistics excluded).
-
-    Works on abstract modules from nnx.eval_shape as well.
-    """
-    params = nnx.state(module, nnx.Param)
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -1,0 +1,265 @@
+"""The map maths: similarity and diagonal map against numpy, upsampling against
+torch.nn.functional.interpolate and float64 numpy references, the precision of every product."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sslocal import localization, maps
+from sslocal.models.av_model import l2_normalize
+
+# ---------------------------------------------------------------- float64 numpy references
+
+
+def ref_bilinear_align_corners(x, size):
+    """Per output pixel: source coordinate i * (n - 1) / (size - 1), four neighbours."""
+    B, h, w = x.shape
+    sy = np.arange(size) * (h - 1) / (size - 1)
+    sx = np.arange(size) * (w - 1) / (size - 1)
+    y0 = np.floor(sy).astype(int)
+    x0 = np.floor(sx).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    ly, lx = (sy - y0)[:, None], (sx - x0)[None, :]
+    Y0, Y1, X0, X1 = y0[:, None], y1[:, None], x0[None, :], x1[None, :]
+    out = np.empty((B, size, size))
+    for b in range(B):
+        m = x[b].astype(np.float64)
+        out[b] = (
+            (1 - ly) * (1 - lx) * m[Y0, X0]
+            + (1 - ly) * lx * m[Y0, X1]
+            + ly * (1 - lx) * m[Y1, X0]
+            + ly * lx * m[Y1, X1]
+        )
+    return out
+
+
+def ref_minmax(x):
+    out = np.array(x, dtype=np.float64)
+    for b in range(len(out)):
+        lo, hi = out[b].min(), out[b].max()
+        if hi > lo:
+            out[b] = (out[b] - lo) / (hi - lo)
+    return out
+
+
+def torch_resize(x, size, mode, align_corners):
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(np.asarray(x, np.float32))[:, None]
+    out = torch.nn.functional.interpolate(
+        t, size=(size, size), mode=mode, align_corners=align_corners
+    )
+    return out[:, 0].numpy()
+
+
+TORCH_MODES = {
+    "bilinear_align_corners": ("bilinear", True),
+    "bilinear": ("bilinear", False),
+    "bicubic": ("bicubic", False),
+}
+
+# ---------------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("upsample", list(TORCH_MODES))
+@pytest.mark.parametrize("shape,size", [((3, 7, 7), 224), ((2, 5, 3), 33), ((1, 2, 2), 9)])
+def test_upsample_matches_torch(upsample, shape, size):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    expect = torch_resize(x, size, *TORCH_MODES[upsample])
+    got = np.asarray(maps.upsample_maps(x, size, upsample))
+    assert got.shape == (shape[0], size, size) and got.dtype == np.float32
+    # torch rounds its source coordinates in float32: ~1e-6 differences on values ~1.
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_matches_float64_bilinear():
+    x = np.random.default_rng(1).uniform(-1, 1, size=(4, 7, 7))
+    got = np.asarray(maps.upsample_maps(x, 224))
+    np.testing.assert_allclose(got, ref_bilinear_align_corners(x, 224), rtol=1e-5, atol=1e-6)
+    # align_corners=True keeps the corner values exactly.
+    np.testing.assert_array_equal(got[:, ::223, ::223], x[:, ::6, ::6].astype(np.float32))
+
+
+def test_av_map_matches_torch_then_minmax():
+    alpha = np.random.default_rng(2).uniform(-0.5, 0.9, size=(5, 7, 7)).astype(np.float32)
+    got = np.asarray(jax.jit(maps.av_map)(alpha))
+    expect = ref_minmax(torch_resize(alpha, 224, "bilinear", True))
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+    assert got.shape == (5, 224, 224)
+    np.testing.assert_allclose(got.reshape(5, -1).min(1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(got.reshape(5, -1).max(1), 1.0, atol=1e-6)
+    expect64 = ref_minmax(ref_bilinear_align_corners(alpha, 224))
+    np.testing.assert_allclose(got, expect64, atol=1e-5)
+
+
+def test_minmax_normalize_per_sample_and_constant_maps():
+    x = np.stack(
+        [
+            np.arange(16, dtype=np.float32).reshape(4, 4),  # 0..15 -> k / 15
+            np.full((4, 4), 0.3, np.float32),  # constant: kept as it is
+            np.full((4, 4), -2.0, np.float32),
+        ]
+    )
+    got = np.asarray(maps.minmax_normalize(x))
+    np.testing.assert_allclose(got[0], np.arange(16).reshape(4, 4) / 15, rtol=1e-6)
+    np.testing.assert_array_equal(got[1], x[1])
+    np.testing.assert_array_equal(got[2], x[2])
+    # No NaN in the gradient either (the unused branch of where divides safely).
+    g = jax.grad(lambda m: jnp.sum(maps.minmax_normalize(m) ** 2))(jnp.asarray(x))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("upsample", list(TORCH_MODES))
+def test_constant_map_stays_constant_through_av_map(upsample):
+    # Upsampling 0.3 in float32 leaves ulp noise (torch's too); min-max must not stretch it.
+    alpha = np.stack(
+        [
+            np.full((7, 7), 0.3, np.float32),
+            np.random.default_rng(3).normal(size=(7, 7)).astype(np.float32),
+        ]
+    )
+    got = np.asarray(maps.av_map(alpha, upsample=upsample))
+    np.testing.assert_array_equal(got[0], np.float32(0.3))
+    assert got[1].min() == pytest.approx(0.0, abs=1e-6) and got[1].max() == pytest.approx(1.0)
+
+
+def test_object_map_against_numpy_and_torch():
+    feats = np.random.default_rng(4).normal(size=(3, 7, 7, 16)).astype(np.float32)
+    reduced = np.abs(feats.astype(np.float64)).mean(axis=-1)
+    got = np.asarray(jax.jit(maps.object_map)(feats))
+    np.testing.assert_allclose(got, ref_minmax(ref_bilinear_align_corners(reduced, 224)), atol=1e-5)
+    np.testing.assert_allclose(
+        got, ref_minmax(torch_resize(reduced, 224, "bilinear", True)), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.4, 0.0, 1.0, 0.7])
+def test_fuse_ogl_against_numpy(alpha):
+    rng = np.random.default_rng(5)
+    av = rng.uniform(size=(3, 16, 16)).astype(np.float32)
+    obj = rng.uniform(size=(3, 16, 16)).astype(np.float32)
+    got = np.asarray(maps.fuse_ogl(av, obj, alpha=alpha))
+    expect = ref_minmax(alpha * av.astype(np.float64) + (1 - alpha) * obj.astype(np.float64))
+    np.testing.assert_allclose(got, expect, atol=1e-5)
+
+
+def test_default_ogl_alpha_is_0_4():
+    av = np.array([[[0.0, 1.0], [0.5, 0.5]]], np.float32)
+    obj = np.array([[[1.0, 0.0], [0.5, 0.0]]], np.float32)
+    # 0.4 av + 0.6 obj = [[0.6, 0.4], [0.5, 0.2]] -> min-max over [0.2, 0.6].
+    expect = np.array([[[1.0, 0.5], [0.75, 0.0]]])
+    np.testing.assert_allclose(np.asarray(maps.fuse_ogl(av, obj)), expect, atol=1e-6)
+
+
+def test_interpolation_matrix_rows_sum_to_one():
+    for method in maps.UPSAMPLE_METHODS:
+        w = maps.interpolation_matrix(7, 224, method)
+        assert w.shape == (224, 7)
+        np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="unknown upsample method 'nearest'"):
+        maps.av_map(np.zeros((1, 7, 7)), upsample="nearest")
+    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        maps.av_map(np.zeros((7, 7)))
+    with pytest.raises(ValueError, match=r"\(B, h, w, C\)"):
+        maps.object_map(np.zeros((1, 7, 7)))
+    with pytest.raises(ValueError, match="differ in shape"):
+        maps.fuse_ogl(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
+
+
+# ------------------------------------------------------------- similarity, diagonal map
+
+
+def test_similarity_against_numpy():
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(3, 4, 5, 6))
+    A = rng.normal(size=(3, 6))
+    expected = np.zeros((3, 3, 4, 5))
+    for i in range(3):
+        for j in range(3):
+            expected[i, j] = (V[i] * A[j]).sum(-1)
+    alpha = maps.similarity(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
+    assert alpha.shape == (3, 3, 4, 5) and alpha.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(alpha), expected, rtol=1e-5, atol=1e-5)
+    diag = maps.diagonal_map(jnp.asarray(V, jnp.float32), jnp.asarray(A, jnp.float32))
+    assert diag.shape == (3, 4, 5) and diag.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(diag), np.einsum("ihwd,id->ihw", V, A), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(np.asarray(diag), expected[np.arange(3), np.arange(3)], atol=1e-5)
+
+
+def test_similarity_hand_made():
+    """Cosines of one-hot vectors are exact; bfloat16 inputs still give float32 maps."""
+    V = np.zeros((2, 1, 2, 3), np.float32)
+    V[0, 0, 0, 0] = V[0, 0, 1, 1] = V[1, 0, 0, 2] = 1.0
+    V[1, 0, 1, 0] = -1.0
+    A = np.eye(3, dtype=np.float32)[:2]  # A_0 = e0, A_1 = e1
+    alpha = maps.similarity(jnp.asarray(V, jnp.bfloat16), jnp.asarray(A, jnp.bfloat16))
+    assert alpha.dtype == jnp.float32
+    expected = np.array([[[[1, 0]], [[0, 1]]], [[[0, -1]], [[0, 0]]]], np.float32)
+    np.testing.assert_array_equal(np.asarray(alpha), expected)
+    diag = maps.diagonal_map(jnp.asarray(V), jnp.asarray(A))
+    np.testing.assert_array_equal(np.asarray(diag), [[[1, 0]], [[0, 0]]])
+
+
+def test_similarity_on_explicit_mesh():
+    """With batch-sharded V and A on an Explicit mesh the B x B map needs an out_sharding."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("data",))
+    rng = np.random.default_rng(1)
+    V = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 2, 3, 5)), jnp.float32))
+    A = l2_normalize(jnp.asarray(rng.normal(size=(2 * n, 5)), jnp.float32))
+    Vs = jax.device_put(V, NamedSharding(mesh, P("data")))
+    As = jax.device_put(A, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        alpha = jax.jit(lambda v, a: maps.similarity(v, a, out_sharding=P("data", None)))(Vs, As)
+        diag = jax.jit(maps.diagonal_map)(Vs, As)
+    assert alpha.sharding.spec[:2] == ("data", None)
+    np.testing.assert_allclose(np.asarray(alpha), np.asarray(maps.similarity(V, A)), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(diag), np.asarray(maps.diagonal_map(V, A)), atol=1e-6)
+
+
+def test_localization_is_the_old_name_of_maps():
+    assert localization.av_map is maps.av_map and localization.fuse_ogl is maps.fuse_ogl
+
+
+def _dot_precisions(fn, *args) -> list[str]:
+    """The precision config of every dot / convolution of fn's lowered HLO."""
+    hlo = jax.jit(fn).lower(*args).as_text(dialect="hlo")
+    lines = [ln for ln in hlo.splitlines() if " dot(" in ln or " convolution(" in ln]
+    assert lines, "no matrix product in the program"
+    return [ln.split("operand_precision={")[1].split("}")[0] if "operand_precision" in ln
+            else "default" for ln in lines]
+
+
+def test_every_product_of_the_map_maths_runs_at_highest_precision():
+    """The lowered programs carry HIGHEST on every product (TF32 would otherwise be allowed on a
+    GPU), whatever the global default: the evaluation's maps and the losses' similarity."""
+    V = jnp.zeros((2, 7, 7, 16), jnp.bfloat16)
+    A = jnp.zeros((2, 16), jnp.bfloat16)
+    feats = jnp.zeros((2, 7, 7, 32), jnp.float32)
+    with jax.default_matmul_precision("default"):
+        for fn in (lambda v, a: maps.localization_maps(v, a, object_features=feats),
+                   maps.similarity, maps.diagonal_map):
+            assert set(_dot_precisions(fn, V, A)) == {"highest,highest"}
+        plain = _dot_precisions(lambda v, a: jnp.einsum("ihwd,id->ihw", v, a), V, A)
+        assert set(plain) == {"default"}  # the check above can fail
+
+
+def test_localization_maps_are_the_public_functions_composed():
+    rng = np.random.default_rng(3)
+    V = l2_normalize(jnp.asarray(rng.normal(size=(3, 7, 7, 8)), jnp.float32))
+    A = l2_normalize(jnp.asarray(rng.normal(size=(3, 8)), jnp.float32))
+    feats = jnp.asarray(rng.normal(size=(3, 7, 7, 5)), jnp.float32)
+    out = maps.localization_maps(V, A, size=56, object_features=feats, ogl_alpha=0.3)
+    alpha = np.einsum("ihwd,id->ihw", np.asarray(V, np.float64), np.asarray(A, np.float64))
+    np.testing.assert_allclose(out["raw"], ref_bilinear_align_corners(alpha, 56), atol=1e-5)
+    np.testing.assert_allclose(out["av"], maps.av_map(maps.diagonal_map(V, A), 56), atol=1e-6)
+    np.testing.assert_allclose(
+        out["ogl"], maps.fuse_ogl(out["av"], maps.object_map(feats, 56), 0.3), atol=1e-6)
