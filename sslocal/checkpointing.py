@@ -5,7 +5,8 @@ A training workdir holds
     checkpoints/<step>/         "latest": train state + the Grain iterator state, so a resumed
                                 run continues from the same data position
     best/<step>/                the train state of the evaluation with the best cIoU
-A converted or exported model directory holds model.json and one "model" item.
+A converted or exported model directory holds model.json (the model config, and image_size
+when known) and one "model" item: {"params": ..., "batch_stats": ...}.
 
 Orbax writes every step into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint as the latest.
@@ -17,6 +18,7 @@ import ctypes
 import functools
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -55,28 +57,36 @@ def _tensorstore_json_leaks() -> bool:
     return sys.getrefcount(leaked["path"]) == sys.getrefcount(control["path"]) + 1
 
 
-def _stop_tensorstore_json_leak() -> None:
+_repair_lock = threading.Lock()
+_repaired = False
+
+
+def repair_tensorstore_json_leak() -> None:
     """Orbax turns TensorStore specs (two per array per save) and byte counters (around every
     array it writes) into Python dicts; each leaked its strings and lists, about 0.1 MiB of
     memory per save of the tiny train state (454 arrays), forever. Wraps the JSON-returning
     calls Orbax makes so that what they return is freed normally; nothing changes where
-    TensorStore is fixed.
+    TensorStore is fixed. Called before each use of Orbax here; only the first call does
+    anything (a second wrap would free everything twice).
     """
-    if not _tensorstore_json_leaks():
-        return
+    global _repaired
+    with _repair_lock:
+        if _repaired:
+            return
+        _repaired = True
+        if not _tensorstore_json_leaks():
+            return
 
-    def repaired(leaky):
-        @functools.wraps(leaky)
-        def call(*args, **kwargs):
-            return _give_back_leaked_references(leaky(*args, **kwargs))
-        return call
+        def repaired(leaky):
+            @functools.wraps(leaky)
+            def call(*args, **kwargs):
+                return _give_back_leaked_references(leaky(*args, **kwargs))
+            return call
 
-    ts.Spec.to_json = repaired(ts.Spec.to_json)
-    ts.KvStore.Spec.to_json = repaired(ts.KvStore.Spec.to_json)
-    ts.experimental_collect_matching_metrics = repaired(ts.experimental_collect_matching_metrics)
-
-
-_stop_tensorstore_json_leak()
+        ts.Spec.to_json = repaired(ts.Spec.to_json)
+        ts.KvStore.Spec.to_json = repaired(ts.KvStore.Spec.to_json)
+        ts.experimental_collect_matching_metrics = repaired(
+            ts.experimental_collect_matching_metrics)
 
 
 class Checkpointer:
@@ -84,6 +94,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | Path, *, keep: int = 2, best_metric: str = "cIoU",
                  asynchronous: bool = True):
+        repair_tensorstore_json_leak()
         workdir = Path(workdir).absolute()
         self._latest = ocp.CheckpointManager(
             workdir / LATEST_DIR,
@@ -140,7 +151,9 @@ def _abstract(tree: Any) -> Any:
 
 
 def save_model(directory: str | Path, model_config: dict, params: Any, batch_stats: Any) -> Path:
-    """Writes a self-describing model directory (used by `sslocal convert` and exports)."""
+    """Writes a self-describing model directory (used by `sslocal convert` and exports):
+    `model_config` (with image_size, when the caller includes it) goes to model.json."""
+    repair_tensorstore_json_leak()
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -150,83 +163,65 @@ def save_model(directory: str | Path, model_config: dict, params: Any, batch_sta
     return directory
 
 
-def read_model_config(path: str | Path) -> dict:
-    """The model's shape (width, embed_dim, ...) of a workdir or a model directory."""
+def read_model_description(path: str | Path) -> dict:
+    """The model config (width, embed_dim, ...) and, when recorded, image_size of a model
+    directory (its model.json) or a training workdir (config.json's model and image_size)."""
     path = Path(path)
     if (path / MODEL_JSON).exists():
         return json.loads((path / MODEL_JSON).read_text())
     if (path / CONFIG_JSON).exists():
-        return json.loads((path / CONFIG_JSON).read_text())["model"]
+        config = json.loads((path / CONFIG_JSON).read_text())
+        description = dict(config["model"])
+        if "image_size" in config:
+            description["image_size"] = config["image_size"]
+        return description
     raise FileNotFoundError(
         f"{path} is neither a training workdir (no {CONFIG_JSON}) nor a model directory "
         f"(no {MODEL_JSON}); pass the --workdir of a run or the output of `sslocal convert`")
 
 
-def load_model_variables(path: str | Path, params_like: Any, batch_stats_like: Any,
-                         which: str = "best") -> tuple[Any, Any, str]:
-    """Params and batch stats from a model directory or a training workdir.
+def restore_model_arrays(path: str | Path, which: str = "best") -> tuple[dict, str]:
+    """{"params": ..., "batch_stats": ...} (nested dicts of numpy arrays, as saved) of a model
+    directory or a training workdir, and a description of what was restored.
 
     In a workdir `which` picks "best" (falling back to the latest when no evaluation ran) or
-    "latest". The arrays take the shapes, dtypes and shardings of `params_like` and
-    `batch_stats_like`; a checkpoint of another model shape is a ValueError naming the
-    difference. Returns (params, batch_stats, a description of what was loaded).
+    "latest"; the optimizer state is not read.
     """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
+    repair_tensorstore_json_leak()
     path = Path(path).absolute()
     if (path / MODEL_JSON).exists():
-        with ocp.StandardCheckpointer() as checkpointer:
-            raw = checkpointer.restore(path / "model")
-        what = str(path)
-    else:
-        raw, what = _restore_workdir_state(path, which)
-    return (_fill(params_like, raw["params"], what, "params"),
-            _fill(batch_stats_like, raw["batch_stats"], what, "batch_stats"), what)
-
-
-def _restore_workdir_state(path: Path, which: str) -> tuple[dict, str]:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                path / "model",
+                args=_model_arrays_restore(checkpointer.metadata(path / "model").item_metadata))
+        return _to_numpy(restored), str(path)
     for kind in ([BEST_DIR, LATEST_DIR] if which == "best" else [LATEST_DIR]):
         if not (path / kind).exists():
             continue
         with ocp.CheckpointManager(path / kind, item_handlers={
-                "state": ocp.StandardCheckpointHandler()}) as manager:
+                "state": ocp.PyTreeCheckpointHandler()}) as manager:
             step = manager.best_step() if kind == BEST_DIR else manager.latest_step()
             if step is None:
                 continue
-            # A target laid out on this process's first device: the run may have been saved
-            # from another topology (8 GPUs) than the one evaluating it (a laptop).
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree.map(
-                lambda m, device=device: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                manager.item_metadata(step)["state"])
             restored = manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))
-        return restored.state, f"{path / kind}/{step}"
+                state=_model_arrays_restore(manager.item_metadata(step)["state"])))
+        return _to_numpy(restored.state), f"{path / kind}/{step}"
     raise FileNotFoundError(f"no checkpoint in {path}: expected {BEST_DIR}/ or {LATEST_DIR}/")
 
 
-def _fill(like: Any, raw: dict, what: str, name: str) -> Any:
-    """`like` (an nnx.State) with the arrays of `raw` (the same tree as saved, as dicts)."""
-    like_leaves = jax.tree_util.tree_leaves_with_path(like)
-    keys = [_dotted(k) for k, _ in like_leaves]
-    by_key = {_dotted(k): v for k, v in jax.tree_util.tree_leaves_with_path(raw)}
-    missing = sorted(set(keys) - set(by_key))
-    unexpected = sorted(set(by_key) - set(keys))
-    if missing or unexpected:
-        raise ValueError(f"{what} holds another model: {name} missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    leaves = []
-    for key, (_, target) in zip(keys, like_leaves, strict=True):
-        value = by_key[key]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{what} holds another model shape: {name}.{key} is "
-                             f"{tuple(value.shape)}, the model expects {tuple(target.shape)}")
-        sharding = getattr(target, "sharding", None)
-        # From host memory: every process holds the same values, so placing them on a global
-        # (multi-host) sharding needs no cross-host transfer.
-        leaves.append(jax.device_put(np.asarray(value, dtype=target.dtype), sharding))
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+def _model_arrays_restore(metadata: Any) -> ocp.args.PyTreeRestore:
+    """Restores params and batch_stats only, laid out on this process's first device: the run
+    may have been saved from another topology (8 GPUs) than the one loading it (a laptop)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {name: jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata[name])
+        for name in ("params", "batch_stats")}
+    return ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
-def _dotted(keypath) -> str:
-    """"imgnet.layer1.0.conv1.kernel" for an nnx.State path and for its saved dict alike."""
-    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath]
-    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+def _to_numpy(tree: Any) -> Any:
+    # To host memory: load_model places the arrays from there (convert.fill_state).
+    return jax.tree.map(np.asarray, tree)

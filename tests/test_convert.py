@@ -13,8 +13,10 @@ from flax import nnx
 
 torch = pytest.importorskip("torch", reason="conversion tests need torch (pip install torch)")
 
-from sslocal.models.av_model import AudioVisualModel, diagonal_map  # noqa: E402
+from sslocal.maps import diagonal_map  # noqa: E402
+from sslocal.models.av_model import AudioVisualModel  # noqa: E402
 from sslocal.models.convert import (  # noqa: E402
+    ModelMismatchError,
     load_into,
     load_torch_checkpoint,
     load_torch_checkpoint_with_config,
@@ -202,23 +204,35 @@ def test_missing_and_unexpected_keys_are_named(small_resnet_state, tmp_path):
     del sd["layer1.0.bn1.running_var"]
     del sd["layer3.0.downsample.0.weight"]
     sd["layer5.0.conv1.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError) as info:
-        load_torch_checkpoint(save(sd, tmp_path))
+    path = save(sd, tmp_path)
+    with pytest.raises(ModelMismatchError) as info:
+        load_torch_checkpoint(path)
     msg = str(info.value)
-    assert "missing keys: layer1.0.bn1.running_var, layer3.0.downsample.0.weight" in msg
+    assert msg.startswith(f"{path} does not fit ResNet18 (in_channels 3, width 8): ")
+    assert "missing keys: layer1.0.bn1.running_var, layer3.0.downsample.0.weight |" in msg
     assert "unexpected keys: layer5.0.conv1.weight" in msg
+
+
+def test_many_differences_name_the_first_few(small_resnet_state, tmp_path):
+    sd = {k: v for k, v in small_resnet_state.items() if not k.startswith("layer4.")}
+    with pytest.raises(ModelMismatchError) as info:
+        load_torch_checkpoint(save(sd, tmp_path))
+    missing = sorted(k for k in small_resnet_state
+                     if k.startswith("layer4.") and not k.endswith("num_batches_tracked"))
+    assert f"missing keys: {', '.join(missing[:3])} and {len(missing) - 3} more" in str(info.value)
 
 
 def test_shape_mismatch_is_named(small_resnet_state, tmp_path):
     sd = dict(small_resnet_state)
     sd["layer2.1.conv2.weight"] = torch.zeros(16, 16, 5, 5)
-    with pytest.raises(ValueError, match=r"shape mismatches: layer2\.1\.conv2\.weight"):
+    with pytest.raises(ModelMismatchError, match=r"shape mismatches: layer2\.1\.conv2\.weight: "
+                       r"checkpoint \(5, 5, 16, 16\), model \(3, 3, 16, 16\)$"):
         load_torch_checkpoint(save(sd, tmp_path))
 
 
 def test_reference_missing_projection(reference_file, tmp_path):
     sd = {k: v for k, v in reference_file[0].state_dict().items() if not k.startswith("aud_proj")}
-    with pytest.raises(ValueError, match="missing keys: aud_proj.bias, aud_proj.weight"):
+    with pytest.raises(ModelMismatchError, match="missing keys: aud_proj.bias, aud_proj.weight$"):
         load_torch_checkpoint(save({"model": sd}, tmp_path))
 
 
@@ -232,7 +246,8 @@ def test_unknown_format_and_wrong_kind(reference_file, tmp_path):
 def test_load_into_rejects_other_sizes(small_resnet_state, tmp_path):
     state = load_torch_checkpoint(save(small_resnet_state, tmp_path))
     wrong = nnx.eval_shape(lambda: ResNet18(width=16, rngs=nnx.Rngs(0)))
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(ModelMismatchError, match=r"^state does not fit ResNet18: shape mismatches: "
+                       r"bn1\.bias: checkpoint \(8,\), model \(16,\)"):
         load_into(wrong, state)
 
 

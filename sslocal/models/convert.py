@@ -1,4 +1,5 @@
-"""PyTorch checkpoints -> NNX state: torchvision ResNet18 and EZ-VSL reference-format files.
+"""PyTorch checkpoints -> NNX state: torchvision ResNet18 and EZ-VSL reference-format files,
+and the one check that arrays fit a model (`fill_state`, for Orbax checkpoints as well).
 
 Files are read only with torch.load(weights_only=True): a pickle that would run code is refused.
 torch is imported lazily, so the rest of sslocal works without it.
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,6 +32,57 @@ _NNX_TO_TORCH_NAME = {
     "var": "running_var",
 }
 _REFERENCE_PREFIXES = ("imgnet.", "img_proj.", "audnet.", "aud_proj.")
+_SHOWN = 3  # differences named per kind in a ModelMismatchError
+
+
+class ModelMismatchError(ValueError):
+    """A checkpoint whose arrays do not fit the model its config (or the caller) describes."""
+
+
+def dotted_key(keypath: tuple) -> str:
+    """"imgnet.layer1.0.conv1.kernel" for an nnx.State path and for its saved dict alike."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in keypath]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def flat_arrays(tree: Any) -> dict[str, Any]:
+    """{dotted key: leaf} of an nnx.State or of the nested dicts Orbax restores it as."""
+    return {dotted_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _first_few(items: list[str], separator: str) -> str:
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return separator.join(items[:_SHOWN]) + more
+
+
+def fill_state(target: nnx.State, arrays: Mapping[str, Any], *, checkpoint: str, model: str,
+               rename: Callable[[str], str] = lambda key: key) -> nnx.State:
+    """`target` (an nnx.State, abstract or not) with its leaves taken from `arrays`.
+
+    `arrays` maps `rename(dotted key)` of every leaf of `target` to an array of that leaf's
+    shape; a missing key, an unexpected key or a shape mismatch raises one ModelMismatchError
+    "{checkpoint} does not fit {model}: ..." naming the first few of each. Each array goes
+    from host memory to its target leaf's sharding (the default device when it has none):
+    every process holds the same values, so placing them on a global (multi-host) sharding
+    needs no cross-host transfer.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(target)
+    keys = [rename(dotted_key(path)) for path, _ in leaves]
+    missing = sorted(set(keys) - set(arrays))
+    unexpected = sorted(set(arrays) - set(keys))
+    mismatched = [f"{key}: checkpoint {tuple(np.shape(arrays[key]))}, model {tuple(leaf.shape)}"
+                  for key, (_, leaf) in zip(keys, leaves, strict=True)
+                  if key in arrays and tuple(np.shape(arrays[key])) != tuple(leaf.shape)]
+    problems = [f"{kind}: {_first_few(items, separator)}"
+                for kind, items, separator in (("missing keys", missing, ", "),
+                                               ("unexpected keys", unexpected, ", "),
+                                               ("shape mismatches", mismatched, "; "))
+                if items]
+    if problems:
+        raise ModelMismatchError(f"{checkpoint} does not fit {model}: " + " | ".join(problems))
+    placed = [jax.device_put(np.asarray(arrays[key], leaf.dtype), getattr(leaf, "sharding", None))
+              for key, (_, leaf) in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(target), placed)
 
 
 def _import_torch():
@@ -65,16 +118,17 @@ def _torch_reason(error: Exception) -> str:
     return " ".join(lines) or str(error).splitlines()[0]
 
 
-def _torch_key(path: tuple) -> str:
-    """NNX path -> torch key: ('layer1', 0, 'bn1', 'scale') -> 'layer1.0.bn1.weight'."""
-    *module, leaf = path
-    return ".".join([str(p) for p in module] + [_NNX_TO_TORCH_NAME[leaf]])
+def _torch_key(nnx_key: str) -> str:
+    """NNX key -> torch key: 'layer1.0.bn1.scale' -> 'layer1.0.bn1.weight'."""
+    module, _, leaf = nnx_key.rpartition(".")
+    return f"{module}.{_NNX_TO_TORCH_NAME[leaf]}"
 
 
-def _to_flax_layout(arr: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and arr.ndim == 4:
+def _to_flax_layout(arr: np.ndarray, torch_key: str) -> np.ndarray:
+    # Only conv and linear weights have 4 or 2 dimensions (BatchNorm weights have 1).
+    if torch_key.endswith(".weight") and arr.ndim == 4:
         return arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    if leaf == "kernel" and arr.ndim == 2:
+    if torch_key.endswith(".weight") and arr.ndim == 2:
         return arr.T  # (out, in) -> (in, out)
     return arr
 
@@ -88,48 +142,25 @@ def _as_numpy(value: Any, key: str) -> np.ndarray:
     raise ValueError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
 
 
+def _fields(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in kwargs.items())
+
+
 def state_from_torch(
-    model: nnx.Module,
+    target: nnx.State,
     state_dict: Mapping[str, Any],
     ignore: Callable[[str], bool] = lambda key: False,
+    *,
+    checkpoint: str,
+    model: str,
 ) -> nnx.State:
-    """Fill the Param/BatchStat state of `model` (may be abstract, from nnx.eval_shape).
-
-    Keys named `ignore(key)` and `*.num_batches_tracked` are skipped; any missing key,
-    unexpected key or shape mismatch raises one ValueError naming all of them.
-    """
-    flat = nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
-    expected = {_torch_key(path): (path, var) for path, var in flat}
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(
-        k
-        for k in state_dict
-        if k not in expected and not k.endswith("num_batches_tracked") and not ignore(k)
-    )
-    bad_shapes, converted = [], []
-    for key, (path, var) in expected.items():
-        if key not in state_dict:
-            continue
-        src = _as_numpy(state_dict[key], key)
-        arr = _to_flax_layout(src, path[-1])
-        if arr.shape != tuple(var.shape):
-            bad_shapes.append(
-                f"{key}: checkpoint {tuple(src.shape)} (-> {arr.shape}), model {tuple(var.shape)}"
-            )
-            continue
-        converted.append((path, var.replace(jnp.asarray(arr, jnp.float32))))
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if bad_shapes:
-        problems.append(f"shape mismatches: {'; '.join(bad_shapes)}")
-    if problems:
-        raise ValueError(
-            f"checkpoint does not match {type(model).__name__}: " + " | ".join(problems)
-        )
-    return nnx.from_flat_state(converted)
+    """`target` (a model's Param and BatchStat state, abstract or not) filled from a torch
+    state dict, by fill_state: keys named `ignore(key)` and `*.num_batches_tracked` are
+    skipped, and the differences are named by their torch keys (shapes in the Flax layout)."""
+    arrays = {key: _to_flax_layout(_as_numpy(value, key), key)
+              for key, value in state_dict.items()
+              if not key.endswith("num_batches_tracked") and not ignore(key)}
+    return fill_state(target, arrays, checkpoint=checkpoint, model=model, rename=_torch_key)
 
 
 def _require(state_dict: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
@@ -142,25 +173,39 @@ def _resnet_ignored(key: str) -> bool:
     return key.startswith("fc.")
 
 
-def _reference_ignored(key: str) -> bool:
+def reference_ignored(key: str) -> bool:
+    """The classifiers of the EZ-VSL reference towers, which AudioVisualModel does not have."""
     return key.startswith(("imgnet.fc.", "audnet.fc."))
 
 
-def resnet18_state(state_dict: Mapping[str, Any]) -> tuple[nnx.State, dict]:
+def resnet18_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint"
+                   ) -> tuple[nnx.State, dict]:
     """torchvision ResNet18 state dict -> (ResNet18 state, constructor kwargs)."""
     out_ch, in_ch = _require(state_dict, "conv1.weight", "torchvision ResNet18")[:2]
     kwargs = {"in_channels": in_ch, "width": out_ch}
     abstract = nnx.eval_shape(lambda: ResNet18(**kwargs, rngs=nnx.Rngs(0)))
-    return state_from_torch(abstract, state_dict, _resnet_ignored), kwargs
+    state = state_from_torch(nnx.state(abstract, (nnx.Param, nnx.BatchStat)), state_dict,
+                             _resnet_ignored, checkpoint=checkpoint,
+                             model=f"ResNet18 ({_fields(kwargs)})")
+    return state, kwargs
 
 
-def av_model_state(state_dict: Mapping[str, Any]) -> tuple[nnx.State, dict]:
+def reference_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
+    """{"width", "embed_dim"} of an EZ-VSL state dict (no 'module.'), from the widths of its
+    first image convolution and of its image projection."""
+    return {"width": _require(state_dict, "imgnet.conv1.weight", "reference-format")[0],
+            "embed_dim": _require(state_dict, "img_proj.weight", "reference-format")[0]}
+
+
+def av_model_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint"
+                   ) -> tuple[nnx.State, dict]:
     """EZ-VSL state dict (no 'module.') -> (AudioVisualModel state, constructor kwargs)."""
-    width = _require(state_dict, "imgnet.conv1.weight", "reference-format")[0]
-    embed_dim = _require(state_dict, "img_proj.weight", "reference-format")[0]
-    kwargs = {"width": width, "embed_dim": embed_dim}
+    kwargs = reference_model_config(state_dict)
     abstract = nnx.eval_shape(lambda: AudioVisualModel(**kwargs, rngs=nnx.Rngs(0)))
-    return state_from_torch(abstract, state_dict, _reference_ignored), kwargs
+    state = state_from_torch(nnx.state(abstract, (nnx.Param, nnx.BatchStat)), state_dict,
+                             reference_ignored, checkpoint=checkpoint,
+                             model=f"AudioVisualModel ({_fields(kwargs)})")
+    return state, kwargs
 
 
 def _strip_module(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,7 +236,7 @@ def load_torch_checkpoint_with_config(path: str | PathLike) -> tuple[nnx.State, 
     """(state, 'torchvision' | 'reference', constructor kwargs of ResNet18 / AudioVisualModel)."""
     kind, state_dict = read_checkpoint(path)
     make = resnet18_state if kind == "torchvision" else av_model_state
-    state, kwargs = make(state_dict)
+    state, kwargs = make(state_dict, str(path))
     return state, kind, kwargs
 
 
@@ -208,7 +253,7 @@ def torchvision_resnet18_state(path: str | PathLike) -> nnx.State:
     kind, state_dict = read_checkpoint(path)
     if kind != "torchvision":
         raise ValueError(f"{path}: expected a torchvision ResNet18 state dict, found a {kind} file")
-    return resnet18_state(state_dict)[0]
+    return resnet18_state(state_dict, str(path))[0]
 
 
 def load_torch_model(path: str | PathLike, *, dtype=jnp.float32) -> ResNet18 | AudioVisualModel:
@@ -222,19 +267,7 @@ def load_torch_model(path: str | PathLike, *, dtype=jnp.float32) -> ResNet18 | A
 
 
 def load_into(model: nnx.Module, state: nnx.State) -> None:
-    """nnx.update(model, state) after checking that paths and shapes match exactly."""
-    current = dict(nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat))))
-    new = dict(nnx.to_flat_state(state))
-    missing = sorted(".".join(map(str, p)) for p in current.keys() - new.keys())
-    unexpected = sorted(".".join(map(str, p)) for p in new.keys() - current.keys())
-    bad = [
-        f"{'.'.join(map(str, p))}: state {tuple(new[p].shape)}, model {tuple(current[p].shape)}"
-        for p in current.keys() & new.keys()
-        if tuple(new[p].shape) != tuple(current[p].shape)
-    ]
-    if missing or unexpected or bad:
-        raise ValueError(
-            f"state does not fit {type(model).__name__}: missing {missing}, unexpected "
-            f"{unexpected}, shape mismatches {bad}"
-        )
-    nnx.update(model, state)
+    """nnx.update(model, state) after fill_state has checked that keys and shapes match."""
+    target = nnx.state(model, (nnx.Param, nnx.BatchStat))
+    nnx.update(model, fill_state(target, flat_arrays(state), checkpoint="state",
+                                 model=type(model).__name__))

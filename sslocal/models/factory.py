@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from sslocal import checkpointing
+from sslocal import checkpointing, sharding
 from sslocal.models import convert
 from sslocal.models.av_model import AudioVisualModel
 from sslocal.models.resnet import ResNet18
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The model config fields a config may lack: those written before audio_pool and image_stride
+# existed, and model.json files that record only the shape, describe the paper's model.
+MODEL_DEFAULTS = {"dtype": "float32", "audio_pool": 1, "image_stride": 32}
 TORCHVISION_HINT = ("download torchvision's ImageNet ResNet18 weights (resnet18-f37072fd.pth, "
                     "e.g. torchvision.models.ResNet18_Weights.IMAGENET1K_V1) and point the config "
                     "at it, or set it to '' to start from scratch")
@@ -34,12 +38,10 @@ def check_weights_files(model_config: ml_collections.ConfigDict) -> None:
 def build_model(model_config: ml_collections.ConfigDict, seed: int = 0) -> AudioVisualModel:
     """PROTOCOL section 2: the image tower from torchvision's ImageNet weights when configured,
     everything else initialised per the protocol."""
-    model = AudioVisualModel(width=model_config.width, embed_dim=model_config.embed_dim,
-                             dtype=DTYPES[model_config.dtype],
-                             # Absent in configs written before these knobs: the paper's values.
-                             audio_pool=model_config.get("audio_pool", 1),
-                             image_stride=model_config.get("image_stride", 32),
-                             rngs=nnx.Rngs(seed))
+    fields = {**MODEL_DEFAULTS, **model_config}
+    model = AudioVisualModel(width=fields["width"], embed_dim=fields["embed_dim"],
+                             dtype=DTYPES[fields["dtype"]], audio_pool=fields["audio_pool"],
+                             image_stride=fields["image_stride"], rngs=nnx.Rngs(seed))
     path = _weights_path(model_config.image_pretrained)
     if path is not None:
         check_weights_files(model_config)
@@ -47,28 +49,30 @@ def build_model(model_config: ml_collections.ConfigDict, seed: int = 0) -> Audio
     return model
 
 
-def build_ogl(weights: str) -> tuple[nnx.GraphDef, nnx.State]:
-    """The frozen ImageNet ResNet18 of object-guided localization, in eval mode."""
+def build_ogl(weights: str, mesh: jax.sharding.Mesh | None = None
+              ) -> tuple[nnx.GraphDef, nnx.State]:
+    """The frozen ImageNet ResNet18 of object-guided localization, in eval mode; its state
+    replicated over `mesh` when given."""
     path = _weights_path(weights)
     if path is None or not path.is_file():
         raise FileNotFoundError(f"eval.ogl_weights: no file {path}; {TORCHVISION_HINT}")
     network = convert.load_torch_model(path)
     if not isinstance(network, ResNet18) or network.in_channels != 3:
         raise ValueError(f"{path}: OGL needs a 3-channel torchvision ResNet18")
-    return nnx.split(network)
+    graphdef, state = nnx.split(network)
+    if mesh is not None:
+        state = jax.device_put(state, sharding.replicated(mesh))
+    return graphdef, state
 
 
 def convert_checkpoint(torch_path: str, out_dir: str) -> Path:
-    """`sslocal convert`: a reference-format (EZ-VSL) PyTorch checkpoint -> a model directory."""
-    state, kind, kwargs = convert.load_torch_checkpoint_with_config(torch_path)
-    if kind != "reference":
-        raise ValueError(f"{torch_path}: a torchvision ResNet18 is not a full model; give it to "
-                         "the config as model.image_pretrained or eval.ogl_weights instead")
-    model = nnx.eval_shape(lambda: AudioVisualModel(**kwargs, rngs=nnx.Rngs(0)))
-    convert.load_into(model, state)
-    _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    model_config = {"width": kwargs["width"], "embed_dim": kwargs["embed_dim"],
+    """`sslocal convert`: a reference-format (EZ-VSL) PyTorch checkpoint -> a model directory,
+    converted as load.load_model converts it in memory."""
+    from sslocal.models import load  # imported here: load builds its models with this module
+
+    loaded = load.load_model(torch_path)
+    model_config = {**loaded.model_config, "image_size": loaded.image_size,
                     "converted_from": str(Path(torch_path).absolute())}
-    out = checkpointing.save_model(out_dir, model_config, params, batch_stats)
-    print(f"wrote {out} (width {kwargs['width']}, embed_dim {kwargs['embed_dim']})")
+    out = checkpointing.save_model(out_dir, model_config, loaded.params, loaded.batch_stats)
+    print(f"wrote {out} (width {model_config['width']}, embed_dim {model_config['embed_dim']})")
     return out
