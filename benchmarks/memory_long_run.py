@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ and sslocal/
 
-from configs import synthetic  # noqa: E402
+from configs import tiny  # noqa: E402
 from sslocal import host_memory, train  # noqa: E402
 from sslocal.data import builders  # noqa: E402
 
@@ -122,9 +122,7 @@ def main() -> int:
         parser.error(f"--steps must be at least {BASELINE_STEP + 2 * WINDOW}")
 
     with tempfile.TemporaryDirectory(prefix="sslocal_memory_") as tmp:
-        config = synthetic.get_config()
-        config.train_dataset = "synthetic_av/tiny"
-        config.test_datasets = ("synthetic_av/tiny",)
+        config = tiny.get_config()
         config.data_dir = args.data_dir or os.path.join(tmp, "data")
         builder = builders.get_builder("synthetic_av/tiny", data_dir=config.data_dir,
                                        num_train=args.num_train, num_test=16)
@@ -132,7 +130,6 @@ def main() -> int:
             builder.download_and_prepare()
         config.image_size = args.image_size
         config.model.width = args.width
-        config.model.embed_dim = 16
         config.batch_size = config.eval_batch_size = args.batch_size
         steps_per_epoch = builder.info.splits["train"].num_examples // args.batch_size
         config.num_epochs = math.ceil(args.steps / steps_per_epoch)
@@ -140,7 +137,6 @@ def main() -> int:
         config.log_every_steps = 50
         config.checkpoint_every_steps = 100
         config.eval_every_epochs = 2
-        config.eval.report = False
         samples: dict[int, int] = {}
         heap: dict[int, int | None] = {}
         objects: dict[int, int] = {}

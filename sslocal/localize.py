@@ -3,10 +3,11 @@
     sslocal localize --checkpoint DIR --video clip.mp4 [--every 1.0] [--ogl] --out OUT
     sslocal localize --checkpoint DIR --image frame.jpg --audio a.wav [--ogl] --out OUT
 
-Every step is one (frame, 3 s of audio centred on it) pair, prepared exactly as evaluation
-prepares a test clip (PROTOCOL 1 and 5): the frame squashed to S x S (bicubic) and normalised,
-the audio's log spectrogram / 12; the map is alpha_ii upsampled to 224 x 224 and min-max
-normalised. Overlays are drawn at the frame's own resolution.
+Every step is one (frame, 3 s of audio centred on it) pair, prepared exactly as `sslocal prepare`
+stores a test clip (docs/protocol.md sections 1 and 5): the frame squashed to S x S (bicubic),
+the audio's float16 log spectrogram; the evaluator's step normalises both and computes the map,
+alpha_ii upsampled to 224 x 224 and min-max normalised. S is the size the model was trained at.
+Overlays are drawn at the frame's own resolution, in the report's colours.
 
 OUT gets, per map kind ("" for the AV map, "_ogl" for the object-guided one with --ogl):
   image + audio: overlay{kind}.png, map{kind}.npy (224, 224)
@@ -32,15 +33,15 @@ import ml_collections
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from sslocal import checkpointing, evaluate, sharding
+from sslocal import report, sharding
 from sslocal.data import pipeline, spectrogram
 from sslocal.data import video as video_io
-from sslocal.models import factory
+from sslocal.evaluator import Evaluator
+from sslocal.models import load
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_IMAGE_SIZE = 224
-OVERLAY_ALPHA = 0.5  # weight of the heatmap colours over the frame
+OVERLAY_ALPHA = report.BLEND  # weight of the heatmap colours over the frame
 BATCH = 8  # steps per device call; a fixed size compiles once
 AUDIO_CHUNK = 1024  # AAC frame size
 
@@ -49,19 +50,11 @@ AUDIO_CHUNK = 1024  # AAC frame size
 
 def model_inputs(frame: np.ndarray, audio: np.ndarray, image_size: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (H, W, 3) frame, (48000,) audio) -> (image (S, S, 3), spec (257, 200, 1)) float32,
-    the transforms of a test clip (PROTOCOL 1)."""
-    image = pipeline.preprocess_eval_image(frame, image_size)
-    spec = pipeline.preprocess_spectrogram(spectrogram.log_spectrogram(audio))
-    return image, spec
-
-
-def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] (..., ) -> uint8 (..., 3) "jet" colours: blue (0), green, red (1)."""
-    v = np.clip(np.asarray(values, np.float32), 0.0, 1.0)[..., None]
-    centres = np.array([3.0, 2.0, 1.0], np.float32)  # where red, green, blue ramps peak (x 4)
-    rgb = np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0)
-    return np.round(rgb * 255).astype(np.uint8)
+    """(uint8 (H, W, 3) frame, (48000,) audio) -> (uint8 (S, S, 3) frame, float16 (257, 200, 1)
+    log spectrogram): a test clip as `sslocal prepare` stores it and the eval loader batches it
+    (docs/protocol.md section 1); the evaluator's step normalises both."""
+    return (pipeline.eval_frame(frame, image_size),
+            pipeline.stored_spectrogram(spectrogram.log_spectrogram(audio)))
 
 
 def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -73,11 +66,10 @@ def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def overlay(frame: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """uint8 (H, W, 3) frame blended with the colours of a [0, 1] map of any size."""
+    """uint8 (H, W, 3) frame blended with the report's heatmap colours of a [0, 1] map of any
+    size (resized to the frame)."""
     frame = np.asarray(frame)
-    heat = heat_colors(resize_map(heatmap, *frame.shape[:2])).astype(np.float32)
-    blended = (1 - alpha) * frame.astype(np.float32) + alpha * heat
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return report.blend(frame, resize_map(heatmap, *frame.shape[:2]), alpha)
 
 
 def peak(heatmap: np.ndarray, height: int, width: int) -> tuple[float, float]:
@@ -106,83 +98,31 @@ def default_config() -> ml_collections.ConfigDict:
     return default.get_config()
 
 
-def _workdir_config(checkpoint: Path) -> dict:
-    path = checkpoint / checkpointing.CONFIG_JSON
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def image_size_of(checkpoint: str | Path, config: ml_collections.ConfigDict | None) -> int:
-    """S the model was trained with: the workdir's config.json, else `config`, else 224."""
-    checkpoint = Path(checkpoint)
-    for source in (_workdir_config(checkpoint), checkpointing.read_model_config(checkpoint)):
-        if "image_size" in source:
-            return int(source["image_size"])
-    return int(config.image_size) if config is not None else DEFAULT_IMAGE_SIZE
-
-
-def _check_config_model(checkpoint: Path, config: ml_collections.ConfigDict) -> None:
-    """The checkpoint describes its own shape and wins; a --config that differs is named."""
-    described = checkpointing.read_model_config(checkpoint)
-    for key in ("width", "embed_dim"):
-        if key in described and described[key] != config.model[key]:
-            logger.warning("%s: model.%s is %s in the checkpoint, %s in --config; using the "
-                           "checkpoint's", checkpoint, key, described[key], config.model[key])
-
-
 class Localizer:
-    """A trained model (workdir or model directory) that maps (frame, audio) pairs to maps."""
+    """A trained model (workdir, model directory or PyTorch file) that maps (frame, audio)
+    pairs to maps, at the frame size it was trained at, through the evaluator's step."""
 
     def __init__(self, checkpoint: str | Path, config: ml_collections.ConfigDict | None = None,
                  *, ogl: bool = False):
-        checkpoint = Path(checkpoint)
-        if not checkpoint.exists():
-            raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-        if config is not None:
-            _check_config_model(checkpoint, config)
-        self.image_size = image_size_of(checkpoint, config)
         config = config if config is not None else default_config()
         mesh = sharding.make_mesh(1)  # a handful of samples per call: one device is enough
-        graphdef, params, batch_stats, self.description = _load(checkpoint, config, mesh)
-        self.variables = {"params": params, "batch_stats": batch_stats}
-        ogl_graphdef = None
-        if ogl:
-            ogl_graphdef, self.variables["ogl"] = factory.build_ogl(config.eval.ogl_weights)
-        self.kinds = ("av", "ogl") if ogl else ("av",)
-        self._step = evaluate.make_eval_step(graphdef, mesh, upsample=config.eval.upsample,
-                                             ogl_graphdef=ogl_graphdef,
-                                             ogl_alpha=config.eval.ogl_alpha)
+        self.model = load.load_model(checkpoint, mesh=mesh)
+        described = self.model.model_config
+        for key in ("width", "embed_dim"):  # the checkpoint describes its own shape and wins
+            if key in described and described[key] != config.model[key]:
+                logger.warning("%s: model.%s is %s in the checkpoint, %s in --config; using the "
+                               "checkpoint's", checkpoint, key, described[key], config.model[key])
+        self.image_size = self.model.image_size
+        self.description = self.model.description
+        self.evaluator = Evaluator(config, mesh, ogl=ogl, batch_size=BATCH)
+        self.kinds = self.evaluator.kinds
 
     def maps(self, frames: list[np.ndarray], audios: list[np.ndarray]) -> dict[str, np.ndarray]:
         """Frames uint8 (H, W, 3) and (48000,) audio clips -> {kind: (N, 224, 224) float32}."""
-        out: dict[str, list[np.ndarray]] = {kind: [] for kind in self.kinds}
-        for start in range(0, len(frames), BATCH):
-            pairs = [model_inputs(f, a, self.image_size)
-                     for f, a in zip(frames[start:start + BATCH], audios[start:start + BATCH],
-                                     strict=True)]
-            n = len(pairs)
-            images = np.zeros((BATCH, self.image_size, self.image_size, 3), np.float32)
-            specs = np.zeros((BATCH, *spectrogram.SPEC_SHAPE, 1), np.float32)
-            images[:n] = [p[0] for p in pairs]
-            specs[:n] = [p[1] for p in pairs]
-            result = self._step(self.variables, images, specs)
-            for kind in self.kinds:
-                out[kind].append(np.asarray(result[kind])[:n])
-        return {kind: np.concatenate(v) for kind, v in out.items()}
-
-
-def _load(checkpoint: Path, config: ml_collections.ConfigDict, mesh):
-    try:
-        return evaluate.load_for_eval(checkpoint, config, mesh)
-    except ValueError as e:  # Orbax / checkpointing: arrays that do not fit the built model
-        if "shape" not in str(e) and "another model" not in str(e):
-            raise
-        described = checkpointing.read_model_config(checkpoint)
-        shape = ", ".join(f"{k} {described[k]}" for k in ("width", "embed_dim") if k in described)
-        source = (checkpointing.MODEL_JSON if (checkpoint / checkpointing.MODEL_JSON).exists()
-                  else checkpointing.CONFIG_JSON)
-        detail = str(e).split(". ")[0]  # Orbax goes on with advice that does not apply here
-        raise ValueError(f"checkpoint {checkpoint} is of another model shape than its {source} "
-                         f"describes ({shape}): {detail}") from e
+        pairs = [model_inputs(f, a, self.image_size) for f, a in zip(frames, audios, strict=True)]
+        out = self.evaluator.maps(self.model, np.stack([p[0] for p in pairs]),
+                                  np.stack([p[1] for p in pairs]))
+        return {kind: out[kind] for kind in self.kinds}
 
 
 # --------------------------------------------------------------------------- inputs

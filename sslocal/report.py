@@ -83,8 +83,19 @@ def select_samples(cious, sounding, confidence, per_group: int = 3) -> dict[str,
 # -- images ---------------------------------------------------------------------------------
 
 def heat_colors(heat: np.ndarray) -> np.ndarray:
-    """(H, W) map in [0, 1] -> float (H, W, 3) RGB in [0, 255] of the HEATMAP colormap."""
+    """(H, W) map in [0, 1] -> float (H, W, 3) RGB in [0, 255] of the HEATMAP colormap (the
+    colours of every heatmap sslocal draws: the report's and `sslocal localize`'s)."""
     return matplotlib.colormaps[HEATMAP](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0
+
+
+def blend(frame: np.ndarray, heat: np.ndarray, alpha: float = BLEND) -> np.ndarray:
+    """uint8 (H, W, 3) frame with the colours of an (H, W) map in [0, 1] blended at alpha."""
+    frame = np.asarray(frame)
+    heat = np.asarray(heat, np.float64)
+    if heat.shape != frame.shape[:2]:
+        raise ValueError(f"map {heat.shape} does not match the frame {frame.shape[:2]}")
+    rgb = (1.0 - alpha) * frame.astype(np.float64) + alpha * heat_colors(heat)
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
 def overlay_image(frame: np.ndarray, heat: np.ndarray | None = None, boxes=(),
@@ -95,13 +106,7 @@ def overlay_image(frame: np.ndarray, heat: np.ndarray | None = None, boxes=(),
     if frame.shape != (OVERLAY_SIZE, OVERLAY_SIZE, 3) or frame.dtype != np.uint8:
         raise ValueError(f"expected a uint8 ({OVERLAY_SIZE}, {OVERLAY_SIZE}, 3) frame, got "
                          f"{frame.dtype} {frame.shape}")
-    rgb = frame.astype(np.float64)
-    if heat is not None:
-        heat = np.asarray(heat, np.float64)
-        if heat.shape != frame.shape[:2]:
-            raise ValueError(f"map {heat.shape} does not match the frame {frame.shape[:2]}")
-        rgb = (1.0 - BLEND) * rgb + BLEND * heat_colors(heat)
-    image = Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8))
+    image = Image.fromarray(frame if heat is None else blend(frame, heat))
     draw = ImageDraw.Draw(image)
     for xmin, ymin, xmax, ymax in np.asarray(boxes, np.float64).reshape(-1, 4).astype(int):
         if xmax > xmin and ymax > ymin:  # empty boxes (clipped coordinates) draw nothing
@@ -185,7 +190,8 @@ def precision_recall_plot(curves: Mapping[str, dict], path: Path, title: str) ->
 
 @dataclass
 class _Shown:
-    """One shown sample: its record's frame, boxes and model inputs."""
+    """One shown sample: its frame on the ground-truth grid, boxes, and the stored test frame
+    and spectrogram its maps are computed from."""
 
     group: str
     index: int
@@ -212,7 +218,7 @@ class Report:
     """Collects what report.html shows while each model is loaded, then writes it.
 
         report = Report(config, sources)
-        report.add_model("marginNCE", results, evaluator.local_maps(params, batch_stats))
+        report.add_model("marginNCE", results, functools.partial(evaluator.maps, model))
         report.add_model("EZ-VSL", ...)
         report.write(out_dir)
     """
@@ -228,8 +234,9 @@ class Report:
         self.shown: dict[str, list[_Shown]] = {}
 
     def add_model(self, label: str, results: Mapping[str, Any], maps: MapFn) -> None:
-        """One model's results (test set -> EvalResult) and its map function (`local_maps`):
-        the shown samples (picked by the first model added) get their maps recomputed."""
+        """One model's results (test set -> EvalResult) and its map function (`Evaluator.maps`
+        bound to the model): the shown samples (picked by the first model added) get their
+        maps recomputed."""
         if any(m.label == label for m in self.models):
             raise ValueError(f"model {label!r} was already added")
         missing = [name for name in self.sources if name not in results]
@@ -249,13 +256,12 @@ class Report:
     def _pick(self, name: str, result: Any) -> list[_Shown]:
         chosen = select_samples(result.cious["av"], result.sounding, result.confidence,
                                 self.per_group)
-        source, size = self.sources[name], self.config.image_size
+        source = self.sources[name]
         shown = []
         for group, indices in chosen.items():
             for index in indices:
                 record = source[index]
-                clip_id = record["id"]
-                clip_id = clip_id.decode("utf-8") if isinstance(clip_id, bytes) else str(clip_id)
+                clip_id = pipeline.record_id(record)
                 if clip_id != result.ids[index]:
                     raise RuntimeError(f"{name}: result {index} is {result.ids[index]!r} but "
                                        f"the record is {clip_id!r}: results out of order")
@@ -263,21 +269,14 @@ class Report:
                     group=group, index=index, clip_id=clip_id,
                     sounding=bool(result.sounding[index]), frame=frame_224(record),
                     boxes=np.asarray(record["boxes"], np.float64).reshape(-1, 4),
-                    image=pipeline.preprocess_eval_image(pipeline.decode_image(record["image"]),
-                                                         size),
-                    spec=pipeline.preprocess_spectrogram(record["spectrogram"])))
+                    image=pipeline.decode_image(record["image"]),
+                    spec=pipeline.stored_spectrogram(record["spectrogram"])))
         return shown
 
     def _maps(self, maps: MapFn, samples: list[_Shown], kinds: list[str]) -> dict:
-        # One padded batch of a fixed size: a single compilation for every test set.
-        n = len(samples)
-        size = max(n, (len(GROUPS) + 1) * self.per_group)
-        image = np.zeros((size, *samples[0].image.shape), np.float32)
-        spec = np.zeros((size, *samples[0].spec.shape), np.float32)
-        for i, sample in enumerate(samples):
-            image[i], spec[i] = sample.image, sample.spec
-        out = maps(image, spec)
-        return {kind: np.asarray(out[kind][:n], np.float32) for kind in kinds}
+        out = maps([sample.image for sample in samples],
+                   np.stack([sample.spec for sample in samples]))
+        return {kind: np.asarray(out[kind], np.float32) for kind in kinds}
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -397,6 +396,11 @@ class Report:
             parts.append(f'{who}<table class="kv">{rows}</table>')
         return "\n".join(parts)
 
+    def _image_sizes(self) -> str:
+        sizes = {r.summary.get("image_size", self.config.image_size)
+                 for m in self.models for r in m.results.values()}
+        return " / ".join(str(size) for size in sorted(sizes))
+
     def _page(self, sections: list[str]) -> str:
         checkpoints = "".join(f"<li><b>{_e(m.label)}</b>: {_e(_checkpoint(m))}</li>"
                               for m in self.models)
@@ -409,7 +413,7 @@ class Report:
 <style>{_CSS}</style></head>
 <body>
 <h1>Sound source localization: evaluation report</h1>
-<p class="meta">{_e(when)} &middot; frames {self.config.image_size} px &middot; test sets:
+<p class="meta">{_e(when)} &middot; frames {_e(self._image_sizes())} px &middot; test sets:
 {nav}</p>
 <h2>Metrics</h2>
 {self._metrics_table()}

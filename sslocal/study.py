@@ -52,12 +52,12 @@ def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds:
                       for key in ("cIoU", "AUC", "mean_cIoU")} | {"seeds": len(rs)}
              for margin, rs in runs.items()}
     (workdir / "margin_study.json").write_text(json.dumps(table, indent=2))
-    print(format_table(table))
+    print(margin_table(table))
     plot(table, workdir / "margin_study.png")
     return table
 
 
-def format_table(table: dict[str, dict]) -> str:
+def margin_table(table: dict[str, dict]) -> str:
     lines = ["| margin | cIoU@0.5 (x100) | AUC (x100) | mean cIoU (x100) | seeds |",
              "| ---: | ---: | ---: | ---: | ---: |"]
     for margin, row in table.items():

@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 from sslocal import checkpointing, evaluate, host_memory, losses, sharding
 from sslocal.data import pipeline
 from sslocal.data import prepare as data_prepare
-from sslocal.models import factory
+from sslocal.evaluator import Evaluator
+from sslocal.models import factory, load
 from sslocal.writers import MetricWriter, progress
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,13 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 def make_grad_fn(graphdef: nnx.GraphDef, loss_fn: Callable):
     """(params, batch_stats, batch) -> (loss, grads, updated batch_stats): the towers in train
     mode on the whole (global) batch of the loader's uint8 frames and float16 spectrograms
-    (finished by pipeline.train_inputs), so BatchNorm statistics and the B x B negatives are
+    (finished by pipeline.model_inputs), so BatchNorm statistics and the B x B negatives are
     global.
     The NNX graph is rebuilt only while tracing; compiled steps see plain arrays."""
 
     def loss_grads_stats(params, batch_stats, batch):
         def loss_of(model):
-            V, A = model(*pipeline.train_inputs(batch))
+            V, A = model(*pipeline.model_inputs(batch["image"], batch["spec"]))
             return loss_fn(V, A)
 
         model = nnx.merge(graphdef, params, batch_stats)
@@ -205,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         state = restored
         logger.info("resumed from %s at step %d", workdir, int(state.step))
     train_step = make_train_step(graphdef, tx, loss_from_config(config), mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh)
+    evaluator = Evaluator(config, mesh)
 
     writer = MetricWriter(workdir, enabled=is_main)
     preemption = PreemptionWatch()
@@ -254,7 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             epoch = -(-step // steps_per_epoch)
             if test_sets and end_of_epoch and (epoch % config.eval_every_epochs == 0
                                                or step == total_steps):
-                results = evaluator.run_all(state.params, state.batch_stats, test_sets)
+                results = evaluate_state(evaluator, graphdef, state, config, test_sets)
                 for name, metrics_ in results.items():
                     writer.write(step, {k: v for k, v in metrics_.items()
                                         if isinstance(v, int | float)}, prefix=f"eval/{name}")
@@ -262,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpointer.save_best(step, state, {"cIoU": primary["cIoU"]})
                 host_memory.release_free_memory()
         if test_sets and not results:  # resumed after its last step: evaluate it once
-            results = evaluator.run_all(state.params, state.batch_stats, test_sets)
+            results = evaluate_state(evaluator, graphdef, state, config, test_sets)
     except _Preempted:
         step = int(state.step)
         logger.warning("SIGTERM: saving a checkpoint at step %d before exiting", step)
@@ -279,7 +280,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if test_sets and "preempted_at_step" not in results and (config.eval.report
                                                               or config.eval.baselines):
         # The best checkpoint (by the first test set's cIoU) once more, with the report and
-        # the baselines; the per-epoch numbers above are the last epoch's.
-        evaluate.main(config, [str(workdir)], report=config.eval.report,
-                      out=str(workdir / "eval"), baselines=config.eval.baselines)
+        # the baselines, through the same evaluator (no new compilation); the per-epoch
+        # numbers above are the last epoch's.
+        best = load.load_model(workdir, mesh=mesh)
+        evaluate.evaluate_models(evaluator, [(evaluate.model_labels([workdir])[0], best)],
+                                 test_sets, workdir / "eval", report=config.eval.report,
+                                 baselines=config.eval.baselines)
     return results
+
+
+def evaluate_state(evaluator: Evaluator, graphdef: nnx.GraphDef, state: TrainState,
+                   config: ml_collections.ConfigDict, test_sets: dict[str, Any]
+                   ) -> dict[str, dict]:
+    """The summary of every test set for the weights of `state`."""
+    model = load.LoadedModel(graphdef=graphdef, params=state.params,
+                             batch_stats=state.batch_stats, model_config=config.model.to_dict(),
+                             image_size=config.image_size, description=f"step {int(state.step)}")
+    return {name: evaluator.run(model, source, name).summary
+            for name, source in test_sets.items()}

@@ -8,11 +8,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from sslocal import checkpointing, train
-from sslocal.models import factory
-from tests.workers.multiprocess_train import tiny_config
+from configs import tiny
+from sslocal import train
+from sslocal.models import load
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,8 @@ def data_dir(tmp_path_factory):
 
 
 def config_for(data_dir, max_steps):
-    config = tiny_config(data_dir)
+    config = tiny.get_config()
+    config.data_dir = data_dir
     config.batch_size = 16  # 64 training scenes: 4 steps an epoch
     config.eval_batch_size = 16
     config.max_steps = max_steps
@@ -30,17 +30,32 @@ def config_for(data_dir, max_steps):
     return config
 
 
-def latest_params(workdir, config):
-    model = factory.build_model(config.model)
-    _, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, stats, what = checkpointing.load_model_variables(workdir, params, stats, "latest")
-    return jax.device_get(params), what
+def latest_params(workdir):
+    model = load.load_model(workdir, which="latest")
+    return jax.device_get(model.params), model.description
 
 
 @pytest.mark.slow
-def test_train_evaluate_write_and_resume(data_dir, tmp_path):
+def test_train_evaluate_write_and_resume(data_dir, tmp_path, monkeypatch):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    results = train.train_and_evaluate(config_for(data_dir, 6), straight)
+    evaluators = []
+
+    class CountedEvaluator(train.Evaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            evaluators.append(self)
+
+    monkeypatch.setattr(train, "Evaluator", CountedEvaluator)
+    config = config_for(data_dir, 6)
+    config.eval.report = config.eval.baselines = True
+    results = train.train_and_evaluate(config, straight)
+    # Two epoch evaluations, then the best checkpoint with the report and the untrained
+    # baseline: one evaluator, one compilation of its step.
+    (evaluator,) = evaluators
+    assert evaluator.num_traces == 1
+    final = json.loads((straight / "eval" / "metrics.json").read_text())
+    assert {"untrained / synthetic_av/tiny", "oracle / synthetic_av/tiny"} <= set(final)
+    assert (straight / "eval" / "report.html").is_file()
 
     # Checkpoints, best by cIoU, metrics as JSON lines and TensorBoard events, final metrics.
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["4", "6"]
@@ -60,8 +75,8 @@ def test_train_evaluate_write_and_resume(data_dir, tmp_path):
     train.train_and_evaluate(config_for(data_dir, 3), resumed)
     assert (resumed / "checkpoints" / "3").is_dir()
     train.train_and_evaluate(config_for(data_dir, 6), resumed)
-    expected, _ = latest_params(straight, config_for(data_dir, 6))
-    got, what = latest_params(resumed, config_for(data_dir, 6))
+    expected, _ = latest_params(straight)
+    got, what = latest_params(resumed)
     assert what.endswith("checkpoints/6")
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -7,17 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from sklearn.metrics import auc as sklearn_auc
 
-from configs import synthetic
-from sslocal import checkpointing, evaluate, metrics, sharding
+from configs import tiny
+from sslocal import checkpointing, evaluate, evaluator, metrics, sharding
 from sslocal.data import builders, pipeline, prepare
-from sslocal.models import factory
+from sslocal.models import factory, load
 
 DATASET = "synthetic_av/tiny"
 NUM_TEST = 13
@@ -26,20 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def tiny_config(data_dir, eval_batch_size=8):
-    config = synthetic.get_config()
-    config.test_datasets = (DATASET,)
+    config = tiny.get_config()
     config.data_dir = str(data_dir)
-    config.image_size = IMAGE
-    config.model.width = 8
-    config.model.embed_dim = 16
     config.eval_batch_size = eval_batch_size
-    config.eval.report = False
     return config
 
 
-def record_id(record):
-    value = record["id"]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+record_id = pipeline.record_id
 
 
 @pytest.fixture(scope="module")
@@ -58,29 +49,26 @@ def source(data_dir):
 
 
 @pytest.fixture(scope="module")
-def model():
-    """A freshly initialised tiny model: (graphdef, params, batch_stats) on the host."""
-    net = factory.build_model(ml_collections.ConfigDict(
-        {"width": 8, "embed_dim": 16, "dtype": "float32", "image_pretrained": ""}), seed=0)
-    graphdef, params, batch_stats = nnx.split(net, nnx.Param, nnx.BatchStat)
-    return graphdef, jax.device_get(params), jax.device_get(batch_stats)
+def model_dir(tmp_path_factory):
+    """A freshly initialised tiny model, saved as a model directory."""
+    config = tiny.get_config()
+    net = factory.build_model(config.model, seed=0)
+    _, params, batch_stats = nnx.split(net, nnx.Param, nnx.BatchStat)
+    return checkpointing.save_model(
+        tmp_path_factory.mktemp("m") / "tiny_model",
+        {**config.model.to_dict(), "image_size": IMAGE}, params, batch_stats)
 
 
 @pytest.fixture(scope="module")
-def model_dir(model, tmp_path_factory):
-    _, params, batch_stats = model
-    return checkpointing.save_model(tmp_path_factory.mktemp("m") / "tiny_model",
-                                    {"width": 8, "embed_dim": 16}, params, batch_stats)
+def model8(model_dir):
+    return load.load_model(model_dir, mesh=sharding.make_mesh(8))
 
 
 @pytest.fixture(scope="module")
-def result8(model, source, data_dir):
+def result8(model8, source, data_dir):
     """The evaluation of the 13-sample test set with batches of 8 on 8 devices."""
-    graphdef, params, batch_stats = model
-    mesh = sharding.make_mesh(8)
-    params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
-    evaluator = evaluate.Evaluator(tiny_config(data_dir), graphdef, mesh)
-    return evaluator.run(params, batch_stats, source, DATASET)
+    scorer = evaluator.Evaluator(tiny_config(data_dir), sharding.make_mesh(8))
+    return scorer.run(model8, source, DATASET)
 
 
 # -------------------------------------------------------------- independent float64 scoring
@@ -104,31 +92,9 @@ def ciou64(pred_map, gt):
 # ---------------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("global_batch, processes", [(8, 1), (6, 2), (6, 3), (16, 2)])
-def test_eval_indices_match_the_loader(source, global_batch, processes):
-    """The slot -> test-set index formula agrees with what each host's loader yields."""
-    seen = []
-    for p in range(processes):
-        loader = pipeline.eval_loader(source, global_batch_size=global_batch, image_size=IMAGE,
-                                      gt_format="vggss", process_index=p,
-                                      process_count=processes, num_threads=1)
-        for k, batch in enumerate(loader):
-            index = evaluate.eval_indices(k, global_batch, p, processes)
-            assert len(index) == len(batch["id"]) == global_batch // processes
-            for i, keep, clip_id in zip(index, batch["mask"], batch["id"], strict=True):
-                if keep:
-                    assert record_id(source[int(i)]) == clip_id
-                    seen.append(int(i))
-                else:
-                    assert i >= NUM_TEST
-    assert sorted(seen) == list(range(NUM_TEST))
-
-
-def test_13_samples_on_8_devices_are_scored_13_times(model, source, data_dir, monkeypatch):
-    graphdef, params, batch_stats = model
+def test_13_samples_on_8_devices_are_scored_13_times(model8, source, data_dir, monkeypatch):
     mesh = sharding.make_mesh(8)
     assert mesh.size == 8
-    params, batch_stats = jax.device_put((params, batch_stats), sharding.replicated(mesh))
     scored = []
     real_ciou = metrics.ciou
 
@@ -136,39 +102,37 @@ def test_13_samples_on_8_devices_are_scored_13_times(model, source, data_dir, mo
         scored.append(len(pred))
         return real_ciou(pred, gt, threshold)
 
-    monkeypatch.setattr(evaluate.metrics, "ciou", counting_ciou)
+    monkeypatch.setattr(evaluator.metrics, "ciou", counting_ciou)
     for batch_size in (8, 16):  # 2 batches (3 padding slots) and 1 batch (3 padding slots)
         scored.clear()
-        evaluator = evaluate.Evaluator(tiny_config(data_dir, batch_size), graphdef, mesh)
-        result = evaluator.run(params, batch_stats, source, DATASET)
+        scorer = evaluator.Evaluator(tiny_config(data_dir, batch_size), mesh)
+        result = scorer.run(model8, source, DATASET)
         assert sum(scored) == NUM_TEST
-        assert result.summary["N"] == NUM_TEST
+        assert result.summary["N"] == NUM_TEST and result.summary["image_size"] == IMAGE
         assert len(result.ids) == NUM_TEST == len(set(result.ids))
         # Results are in the test set's order: ids[i] is source[i].
         assert result.ids == [record_id(source[i]) for i in range(NUM_TEST)]
         assert result.cious["av"].shape == result.confidence.shape == (NUM_TEST,)
 
 
-def test_scores_equal_a_per_sample_float64_recomputation(model, source, result8):
-    """Each sample alone through the eval step on one device, scored by the float64 code above:
-    the very same cIoU; and the summary follows from the per-sample values."""
-    graphdef, params, batch_stats = model
-    step = evaluate.make_eval_step(graphdef, sharding.make_mesh(1),
-                                   upsample="bilinear_align_corners")
-    variables = {"params": params, "batch_stats": batch_stats}
+def test_scores_equal_a_per_sample_float64_recomputation(model_dir, source, data_dir, result8):
+    """Each sample alone through the evaluator on one device, scored by the float64 code
+    above: the very same cIoU; and the summary follows from the per-sample values."""
+    model1 = load.load_model(model_dir, mesh=sharding.make_mesh(1))
+    scorer = evaluator.Evaluator(tiny_config(data_dir), sharding.make_mesh(1))
     expected, expected_conf = [], []
     for i in range(NUM_TEST):
         record = source[i]
-        image = pipeline.preprocess_eval_image(pipeline.decode_image(record["image"]), IMAGE)
-        spec = pipeline.preprocess_spectrogram(record["spectrogram"])
-        out = step(variables, image[None], spec[None])
-        expected.append(ciou64(np.asarray(out["av"])[0], gt_map64(record["boxes"])))
+        out = scorer.maps(model1, [pipeline.decode_image(record["image"])],
+                          pipeline.stored_spectrogram(record["spectrogram"])[None])
+        expected.append(ciou64(out["av"][0], gt_map64(record["boxes"])))
         raw = np.sort(np.asarray(out["raw"], np.float64)[0].ravel())
         expected_conf.append(raw[-raw.size // 4:].mean())
     expected = np.array(expected)
     np.testing.assert_array_equal(result8.cious["av"], expected)
     np.testing.assert_allclose(result8.confidence, expected_conf, rtol=1e-6)
     assert len(np.unique(expected)) > 5  # a real spread of values, not a degenerate map
+    assert scorer.num_traces == 1  # 13 calls of one padded batch: one compilation
 
     t = np.arange(21) / 20
     success = np.array([np.mean(expected >= x) for x in t])
@@ -180,18 +144,12 @@ def test_scores_equal_a_per_sample_float64_recomputation(model, source, result8)
     assert "AP" not in summary  # every synthetic tiny sample is sounding
 
 
-def test_local_maps_match_the_sharded_step(model, source, data_dir, result8):
-    """The report's un-sharded map function gives the evaluation's maps."""
-    graphdef, params, batch_stats = model
-    mesh = sharding.make_mesh(8)
-    params8, stats8 = jax.device_put((params, batch_stats), sharding.replicated(mesh))
-    evaluator = evaluate.Evaluator(tiny_config(data_dir), graphdef, mesh)
-    maps = evaluator.local_maps(params8, stats8)
+def test_maps_match_the_sharded_evaluation(model8, source, data_dir, result8):
+    """Evaluator.maps (report overlays, localize) gives the evaluation's maps."""
+    scorer = evaluator.Evaluator(tiny_config(data_dir), sharding.make_mesh(8))
     records = [source[i] for i in range(3)]
-    image = np.stack([pipeline.preprocess_eval_image(pipeline.decode_image(r["image"]), IMAGE)
-                      for r in records])
-    spec = np.stack([pipeline.preprocess_spectrogram(r["spectrogram"]) for r in records])
-    out = maps(image, spec)
+    out = scorer.maps(model8, [pipeline.decode_image(r["image"]) for r in records],
+                      np.stack([pipeline.stored_spectrogram(r["spectrogram"]) for r in records]))
     assert set(out) == {"raw", "av"} and out["av"].shape == (3, 224, 224)
     got = [ciou64(out["av"][i], gt_map64(r["boxes"])) for i, r in enumerate(records)]
     np.testing.assert_allclose(got, result8.cious["av"][:3], atol=1e-6)
@@ -230,14 +188,15 @@ def test_ogl_end_to_end_with_a_torchvision_file(model_dir, source, data_dir, tmp
     assert per_sample["cIoU_ogl"] != per_sample["cIoU_av"]
     assert per_sample["protocol_variant"]["ogl_alpha"] == 0.4
 
-    # The fused map of one sample against torch + float64 numpy (PROTOCOL 5).
+    # The fused map of one sample against torch + float64 numpy (docs/protocol.md section 5).
     mesh = sharding.make_mesh(8)
-    graphdef, params, batch_stats, _ = evaluate.load_for_eval(model_dir, config, mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh, ogl=True)
+    scorer = evaluator.Evaluator(config, mesh, ogl=True)
     record = source[0]
-    image = pipeline.preprocess_eval_image(pipeline.decode_image(record["image"]), IMAGE)[None]
-    spec = pipeline.preprocess_spectrogram(record["spectrogram"])[None]
-    maps = evaluator.local_maps(params, batch_stats)(image, spec)
+    frame = pipeline.decode_image(record["image"])
+    maps = scorer.maps(load.load_model(model_dir, mesh=mesh), [frame],
+                       pipeline.stored_spectrogram(record["spectrogram"])[None])
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    image = ((frame / 255.0 - mean) / std).astype(np.float32)[None]
     with torch.no_grad():
         features = net.features(torch.from_numpy(image).permute(0, 3, 1, 2).contiguous())
         obj = features.abs().mean(1, keepdim=True).double()
@@ -260,10 +219,8 @@ def test_ogl_end_to_end_with_a_torchvision_file(model_dir, source, data_dir, tmp
 @pytest.mark.slow
 def test_cli_evaluate_with_report(model_dir, data_dir, tmp_path):
     out = tmp_path / "cli_eval"
-    cmd = [sys.executable, "-m", "sslocal", "evaluate", "--config", "configs/synthetic.py",
-           f"--config.data_dir={data_dir}", f"--config.image_size={IMAGE}",
-           "--config.eval_batch_size=8", "--config.model.width=8",
-           "--config.model.embed_dim=16", f"--dataset={DATASET}",
+    cmd = [sys.executable, "-m", "sslocal", "evaluate", "--config", "configs/tiny.py",
+           f"--config.data_dir={data_dir}", f"--dataset={DATASET}",
            f"--checkpoint={model_dir}", "--report", f"--out={out}"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -294,14 +251,15 @@ def test_model_labels_are_short_and_unique():
     assert same == ["/r/m", "/r/m (2)"]
 
 
-def test_bad_input(model, data_dir, source):
+def test_bad_input(model8, data_dir, source):
     with pytest.raises(ValueError, match="at least one checkpoint"):
         evaluate.main(tiny_config(data_dir), [])
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         evaluate.main(tiny_config(data_dir, eval_batch_size=12), ["unused"])
-    graphdef, params, batch_stats = model
-    evaluator = evaluate.Evaluator(tiny_config(data_dir), graphdef, sharding.make_mesh(8))
+    with pytest.raises(FileNotFoundError, match="no/such/run"):
+        evaluate.main(tiny_config(data_dir), ["/no/such/run"])
+    scorer = evaluator.Evaluator(tiny_config(data_dir), sharding.make_mesh(8))
     with pytest.raises(ValueError, match="is empty"):
-        evaluator.run(params, batch_stats, [], DATASET)
+        scorer.run(model8, [], DATASET)
     with pytest.raises(ValueError, match="eval.threshold"):
-        evaluate.parse_threshold("median")
+        evaluator.parse_threshold("median")

@@ -16,7 +16,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from sslocal import checkpointing, localize
+from sslocal import checkpointing, localize, report
 from sslocal.data import synthetic
 from sslocal.models import factory
 from sslocal.models.av_model import AudioVisualModel
@@ -36,12 +36,10 @@ STD = np.array([0.229, 0.224, 0.225])
 # ---------------------------------------------------------------- pure helpers
 
 
-def test_heat_colors_exact():
-    got = localize.heat_colors(np.array([0.0, 0.25, 0.5, 0.75, 1.0, -3.0, 7.0]))
-    # jet: r, g, b = clip(1.5 - |4v - (3, 2, 1)|), by hand
-    want = [[0, 0, 128], [0, 128, 255], [128, 255, 128], [255, 128, 0], [128, 0, 0],
-            [0, 0, 128], [128, 0, 0]]
-    np.testing.assert_array_equal(got, want)
+def test_overlay_uses_the_reports_colours():
+    frame = np.random.default_rng(5).integers(0, 256, (20, 30, 3), np.uint8)
+    heat = np.linspace(0, 1, 600).reshape(20, 30)
+    np.testing.assert_array_equal(localize.overlay(frame, heat), report.blend(frame, heat))
 
 
 def test_overlay_blends_at_frame_resolution():
@@ -65,30 +63,18 @@ def test_peak_in_frame_pixels():
 
 
 def test_model_inputs_match_scipy_and_pil():
+    """A clip prepared as `sslocal prepare` stores a test clip: the squashed uint8 frame and
+    the float16 log spectrogram."""
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (37, 90, 3), dtype=np.uint8)
     audio = rng.uniform(-0.5, 0.5, 48000).astype(np.float32)
     image, spec = localize.model_inputs(frame, audio, 48)
-    squashed = np.asarray(Image.fromarray(frame).resize((48, 48), Image.BICUBIC), np.float64)
-    np.testing.assert_allclose(image, (squashed / 255 - MEAN) / STD, atol=1e-5)
+    np.testing.assert_array_equal(
+        image, np.asarray(Image.fromarray(frame).resize((48, 48), Image.BICUBIC)))
     _, _, s = scipy.signal.spectrogram(audio.astype(np.float64), fs=16000, nperseg=512,
                                        noverlap=274)
-    assert spec.shape == (257, 200, 1)
-    np.testing.assert_allclose(spec[..., 0], np.log(s + 1e-7) / 12, atol=1e-5)
-
-
-def test_image_size_sources(tmp_path):
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps({"image_size": 112, "model": {"width": 8}}))
-    config = default.get_config()
-    config.image_size = 96
-    assert localize.image_size_of(workdir, config) == 112  # the run's own size wins
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    (model_dir / "model.json").write_text(json.dumps({"width": 8, "embed_dim": 16}))
-    assert localize.image_size_of(model_dir, config) == 96
-    assert localize.image_size_of(model_dir, None) == 224
+    assert spec.shape == (257, 200, 1) and spec.dtype == np.float16
+    np.testing.assert_allclose(spec[..., 0], np.log(s + 1e-7), rtol=2**-10, atol=1e-4)
 
 
 # ---------------------------------------------------------------- a PyTorch reference model
@@ -109,6 +95,8 @@ def upsample(maps):
 def torch_maps(model, ogl_net, image, spec):
     """The reference's AV map and OGL map (mean |layer4| of an ImageNet ResNet18, fused
     minmax(0.4 AV + 0.6 OBJ)) for one preprocessed (image, spec) pair, in float64."""
+    image = (image / 255.0 - MEAN) / STD  # the normalisation the evaluator's step does
+    spec = spec.astype(np.float64) / 12.0
     with torch.no_grad():
         x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
         y = torch.from_numpy(spec).permute(2, 0, 1)[None].double()
@@ -127,6 +115,9 @@ def reference(tmp_path_factory):
     state = {"module." + k: v for k, v in model.state_dict().items()}
     torch.save({"model": state, "epoch": 3}, root / "ezvsl.pth")
     factory.convert_checkpoint(str(root / "ezvsl.pth"), str(root / "converted"))
+    described = json.loads((root / "converted" / "model.json").read_text())
+    described["image_size"] = S  # trained at S, not at the paper's 224 a conversion assumes
+    (root / "converted" / "model.json").write_text(json.dumps(described))
     ogl_net = randomize(TorchResNet18(3, WIDTH), seed=2)
     torch.save(ogl_net.state_dict(), root / "resnet18.pth")
     config = default.get_config()
@@ -266,7 +257,7 @@ def test_errors_are_one_line_without_traceback(reference, clip_files, tmp_path):
         "no audio stream": (good, ["--video", silent]),
         "shorter than 0.1 s": (good, ["--image", ok_image, "--audio", tmp_path / "short.wav"]),
         "cannot read image file": (good, ["--image", tmp_path / "bad.jpg", "--audio", ok_audio]),
-        "another model shape": (tmp_path / "liar", ["--image", ok_image, "--audio", ok_audio]),
+        "does not fit the model": (tmp_path / "liar", ["--image", ok_image, "--audio", ok_audio]),
     }
     procs = {message: run_cli("--checkpoint", checkpoint, *args, "--out", tmp_path / "o")
              for message, (checkpoint, args) in cases.items()}

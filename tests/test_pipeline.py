@@ -85,30 +85,26 @@ def _loader(source, **kwargs):
 
 # -- shared transforms -------------------------------------------------------------------------
 
-def test_preprocess_spectrogram():
-    out = pipeline.preprocess_spectrogram(np.full((257, 200), 6.0, np.float16))
-    assert out.dtype == np.float32 and out.shape == (257, 200, 1)
-    np.testing.assert_array_equal(out, 0.5)
+def test_stored_spectrogram():
     spec = np.random.default_rng(0).normal(-5, 3, (257, 200))
-    np.testing.assert_allclose(pipeline.preprocess_spectrogram(spec)[..., 0], spec / 12.0,
-                               rtol=1e-6)
+    out = pipeline.stored_spectrogram(spec)
+    assert out.dtype == np.float16 and out.shape == (257, 200, 1)
+    np.testing.assert_array_equal(out[..., 0], spec.astype(np.float16))
     with pytest.raises(ValueError, match="257, 200"):
-        pipeline.preprocess_spectrogram(np.zeros((200, 257)))
+        pipeline.stored_spectrogram(np.zeros((200, 257)))
 
 
-def test_preprocess_eval_image():
+def test_eval_frame():
     rng = np.random.default_rng(1)
     square = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
-    out = pipeline.preprocess_eval_image(square, S)
-    assert out.dtype == np.float32 and out.shape == (S, S, 3)
-    np.testing.assert_allclose(out, (square / 255.0 - MEAN) / STD, atol=1e-5)  # no resampling
-    np.testing.assert_allclose(out[0, 0], (square[0, 0] / 255.0 - MEAN) / STD, atol=1e-5)
+    out = pipeline.eval_frame(square, S)
+    assert out.dtype == np.uint8 and out.shape == (S, S, 3)
+    np.testing.assert_array_equal(out, square)  # no resampling at the size already
     wide = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
-    squashed = np.asarray(Image.fromarray(wide).resize((S, S), Image.BICUBIC), np.float64)
-    np.testing.assert_allclose(pipeline.preprocess_eval_image(wide, S),
-                               (squashed / 255.0 - MEAN) / STD, atol=1e-5)
+    squashed = np.asarray(Image.fromarray(wide).resize((S, S), Image.BICUBIC))
+    np.testing.assert_array_equal(pipeline.eval_frame(wide, S), squashed)
     with pytest.raises(ValueError, match="uint8"):
-        pipeline.preprocess_eval_image(square.astype(np.float32), S)
+        pipeline.eval_frame(square.astype(np.float32), S)
 
 
 def test_decode_image_converts_to_rgb():
@@ -204,9 +200,9 @@ def test_train_iterator_state_restores_mid_epoch(tmp_path):
     np.testing.assert_array_equal(next(restored)["image"], want["image"])
 
 
-def test_benchmark_input_runs():
+def test_loader_throughput_runs():
     source, _ = _train_source(8)
-    result = pipeline.benchmark_input(source, global_batch_size=4, image_size=S,
+    result = pipeline.loader_throughput(source, global_batch_size=4, image_size=S,
                                       num_batches=2, warmup_batches=1)
     assert result["samples"] == 8 and result["samples_per_second"] > 0
 
@@ -244,7 +240,7 @@ def _eval(source, **kwargs):
 
 def test_eval_every_sample_exactly_once_on_8_hosts():
     source = _eval_source(13)
-    seen, slots = [], 0
+    seen, indices, slots = [], [], 0
     for p in range(8):
         batches = _eval(source, process_index=p, process_count=8)
         assert len(batches) == 2  # ceil(13 / 8) on every host
@@ -252,10 +248,16 @@ def test_eval_every_sample_exactly_once_on_8_hosts():
             assert b["image"].shape == (1, S, S, 3) and b["gt_map"].shape == (1, 224, 224)
             slots += len(b["mask"])
             seen += list(b["id"][b["mask"]])
+            # Each slot carries its test-set index: the sample's own, or >= N for padding.
+            for index, clip_id in zip(b["index"][b["mask"]], b["id"][b["mask"]], strict=True):
+                assert clip_id == f"clip{index:02d}"
+            indices += list(b["index"][b["mask"]])
+            assert (b["index"][~b["mask"]] >= 13).all()
             assert all(i == "" for i in b["id"][~b["mask"]])
             assert not b["sounding"][~b["mask"]].any()
     assert slots == 16 and len(seen) == 13
     assert sorted(seen) == [f"clip{i:02d}" for i in range(13)]
+    assert sorted(indices) == list(range(13))
     # One host: the same samples in the same order, padding at the end.
     single = _eval(source)
     assert [len(b["mask"]) for b in single] == [8, 8]
@@ -269,14 +271,14 @@ def test_eval_every_sample_exactly_once_on_8_hosts():
 def test_eval_batch_values(fmt):
     source = _eval_source(5, gt_format=fmt)
     (batch,) = _eval(source)  # gt_format from the dataset's metadata
-    assert batch["image"].dtype == np.float32 and batch["spec"].shape == (8, 257, 200, 1)
+    assert batch["image"].dtype == np.uint8 and batch["spec"].dtype == np.float16
+    assert batch["spec"].shape == (8, 257, 200, 1) and batch["index"].tolist() == list(range(8))
     assert batch["gt_map"].dtype == np.float32 and batch["mask"].dtype == bool
     for k in range(5):
         record = source[k]
-        pixels = np.asarray(Image.open(io.BytesIO(record["image"])), np.float64)
-        np.testing.assert_allclose(batch["image"][k], (pixels / 255 - MEAN) / STD, atol=1e-5)
-        np.testing.assert_array_equal(batch["spec"][k, ..., 0],
-                                      np.float32(record["spectrogram"][0, 0]) / np.float32(12))
+        pixels = np.asarray(Image.open(io.BytesIO(record["image"])))
+        np.testing.assert_array_equal(batch["image"][k], pixels)
+        np.testing.assert_array_equal(batch["spec"][k, ..., 0], record["spectrogram"])
         np.testing.assert_array_equal(batch["gt_map"][k], _raster(record["boxes"], fmt))
         assert batch["sounding"][k] == record["sounding"] and batch["id"][k] == f"clip{k:02d}"
     assert batch["mask"].tolist() == [True] * 5 + [False] * 3
@@ -288,8 +290,7 @@ def test_eval_center_crop_variant_and_errors():
     source = _eval_source(3)
     (batch,) = _eval(source, test_resize="center_crop")
     for k in range(3):
-        expected = np.broadcast_to((k / 255 - MEAN) / STD, (S, S, 3))
-        np.testing.assert_allclose(batch["image"][k], expected, atol=1e-5)
+        np.testing.assert_array_equal(batch["image"][k], k)
     with pytest.raises(ValueError, match="test_resize"):
         _eval(source, test_resize="crop")
     with pytest.raises(ValueError, match="gt format"):
@@ -323,23 +324,20 @@ def test_loaders_on_a_prepared_synthetic_dataset(tmp_path):
     assert sorted(seen) == sorted(f"test_{i:06d}" for i in range(len(test)))
 
 
-def test_train_inputs_on_device_equal_the_host_transforms():
-    """The jitted step finishes training batches with evaluation's host arithmetic."""
+def test_model_inputs_on_device_against_float64():
+    """The jitted steps normalise the loaders' uint8 frames and float16 spectrograms."""
     import jax
 
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (4, S, S, 3), np.uint8)
     images[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [128, 64, 3]]  # the extremes too
     specs = rng.normal(-8, 4, (4, 257, 200, 1)).astype(np.float16)
-    image, spec = jax.jit(pipeline.train_inputs)({"image": images, "spec": specs})
+    image, spec = jax.jit(pipeline.model_inputs)(images, specs)
     assert image.dtype == spec.dtype == np.float32
-    np.testing.assert_allclose(image, pipeline.normalize_images(images), rtol=0, atol=1e-6)
     np.testing.assert_allclose(image, (images / 255.0 - MEAN) / STD, rtol=0, atol=1e-5)
-    # XLA may turn "/ 12" into "* (1 / 12)": one float32 rounding step apart at most.
-    np.testing.assert_allclose(spec[..., 0], np.stack(
-        [pipeline.preprocess_spectrogram(s[..., 0])[..., 0] for s in specs]), rtol=2.5e-7)
-    with pytest.raises(TypeError, match="uint8 images and float16"):
-        pipeline.train_inputs({"image": images.astype(np.float32), "spec": specs})
+    np.testing.assert_allclose(spec, specs.astype(np.float64) / 12.0, rtol=3e-7)
+    with pytest.raises(TypeError, match="uint8 frames and float16"):
+        pipeline.model_inputs(images.astype(np.float32), specs)
 
 
 def test_jpeg_decode_is_pillows():

@@ -23,6 +23,7 @@ import scipy.signal
 from PIL import Image
 
 from configs import synthetic as synthetic_config
+from configs import tiny
 from sslocal import checkpointing, sharding, train
 from sslocal.data import annotations, builders, pipeline
 from sslocal.data import prepare as data_prepare
@@ -44,7 +45,7 @@ import grain
 import jax
 import numpy as np
 
-from configs import synthetic
+from configs import tiny
 from sslocal import checkpointing, train
 from sslocal.data import prepare
 
@@ -128,14 +129,9 @@ def main():
     if args.nan_index >= 0:
         prepare.load_split = load_nan_split
 
-    c = synthetic.get_config()
-    c.train_dataset = "synthetic_av/tiny"
+    c = tiny.get_config()
     c.test_datasets = ()
     c.data_dir = args.data_dir
-    c.image_size = 64
-    c.model.width = 8
-    c.model.embed_dim = 16
-    c.batch_size = c.eval_batch_size = 8
     c.num_epochs = args.num_epochs
     c.log_every_steps = 100
     c.checkpoint_every_steps = 3
@@ -391,7 +387,7 @@ def _records(dataset: str, split: str, data_dir: Path) -> dict[str, dict]:
 
 
 def _box_224(box_256) -> list[float]:
-    """PROTOCOL 6 written out: int(224 * v / 256) per coordinate, then clipped to [0, 224]."""
+    """protocol 6 written out: int(224 * v / 256) per coordinate, then clipped to [0, 224]."""
     return [min(max(int(224 * v / 256), 0), 224) for v in box_256]
 
 
@@ -515,8 +511,7 @@ def test_nan_batch_stops_with_its_step_and_keeps_the_last_good_checkpoint(tiny_d
                      r"the state was left at step 4", run.output()), run.output()[-4000:]
     # Steps 1-4 were fine: the checkpoint of step 3 is the last one; none of step 5 or later.
     assert _steps(tmp_path / "work") == [3]
-    config = synthetic_config.get_config()
-    config.model.width, config.model.embed_dim = 8, 16
+    config = tiny.get_config()
     tx = train.make_optimizer(config)
     _, like = train.create_train_state(config, sharding.make_mesh(1), tx)
     checkpointer = checkpointing.Checkpointer(tmp_path / "work")
@@ -670,10 +665,13 @@ def _traced_growth(run) -> int:
 @pytest.mark.parametrize("to_json", ["spec", "kvstore_spec", "metrics"])
 def test_tensorstore_json_is_freed(to_json):
     """TensorStore's JSON-to-Python conversion leaks one reference to every key and value of
-    every dict it returns; Orbax calls these per array per save. After importing
-    sslocal.checkpointing what they return must be freed, and still be right."""
+    every dict it returns; Orbax calls these per array per save. After
+    checkpointing.repair_tensorstore_json_leak() (twice: it must be idempotent) what they return
+    must be freed, and still be right."""
     import tensorstore as ts
 
+    checkpointing.repair_tensorstore_json_leak()
+    checkpointing.repair_tensorstore_json_leak()
     expected = {"driver": "zarr", "kvstore": {"driver": "file", "path": "/data/run/7/"}}
     calls = {
         "spec": lambda i: ts.Spec({**expected, "dtype": "float32"}).to_json()["kvstore"],
@@ -701,6 +699,7 @@ def test_checkpoint_saves_leave_nothing_behind(tmp_path):
 
     state = {"w": jax.numpy.arange(1000.0), "b": jax.numpy.ones((7, 3))}
     checkpointer = checkpointing.Checkpointer(tmp_path / "work", keep=2, asynchronous=False)
+    assert not checkpointing._tensorstore_json_leaks()  # the constructor repaired TensorStore
     try:
         for step in range(1, 41):  # warm-up: handlers, thread pools, caches (~100 objects)
             checkpointer.save(step, state, force=True)

@@ -1,6 +1,7 @@
 """report.html: sample selection, overlays pixel by pixel, links that resolve, real PNG plots,
 models side by side (hand-made records with an oracle map, and two real checkpoints)."""
 
+import functools
 import io
 import os
 import re
@@ -13,10 +14,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from configs import synthetic
-from sslocal import checkpointing, evaluate, metrics, report, sharding
+from configs import tiny
+from sslocal import checkpointing, evaluate, evaluator, metrics, report, sharding
 from sslocal.data import builders, prepare
-from sslocal.models import factory
+from sslocal.models import factory, load
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOT_PIXELS = (500, 360)  # report.PLOT_SIZE (5 x 3.6 in) at report.PLOT_DPI (100)
@@ -157,8 +158,8 @@ def fake_set():
 
 
 def oracle_maps(records, inverse=False):
-    def maps(image, spec):
-        index = np.round(spec[:, 0, 0, 0] * 12.0).astype(int)
+    def maps(frames, spec):  # Evaluator.maps' signature: stored frames and spectrograms
+        index = np.round(np.asarray(spec[:, 0, 0, 0], np.float64)).astype(int)
         gt = np.stack([gt_of(records[i]["boxes"]) for i in index])
         av = 1.0 - gt if inverse else gt
         return {"raw": av, "av": av, "ogl": 0.5 * gt}
@@ -168,11 +169,11 @@ def oracle_maps(records, inverse=False):
 
 def fake_result(records, cious, kinds=("av",)):
     sounding = np.array([r["sounding"] for r in records])
-    result = evaluate.EvalResult(
+    result = evaluator.EvalResult(
         name=FAKE_SET, ids=[r["id"].decode() for r in records],
         cious={k: np.asarray(cious, np.float64) for k in kinds},
         confidence=np.concatenate([np.linspace(0.1, 0.8, 12), SILENT_CONF]), sounding=sounding)
-    result.summary = evaluate.summarize(result, metrics.protocol_variant())
+    result.summary = evaluator.summarize_result(result, metrics.protocol_variant())
     result.summary["checkpoint"] = f"/runs/{'-'.join(kinds)}"
     return result
 
@@ -263,13 +264,8 @@ DATASET = "synthetic_av/tiny"
 
 
 def tiny_config(data_dir):
-    config = synthetic.get_config()
-    config.test_datasets = (DATASET,)
+    config = tiny.get_config()
     config.data_dir = str(data_dir)
-    config.image_size = 64
-    config.model.width = 8
-    config.model.embed_dim = 16
-    config.eval_batch_size = 8
     return config
 
 
@@ -281,13 +277,14 @@ def tiny_run(tmp_path_factory):
     builders.get_builder(DATASET, data_dir=os.fspath(data_dir), num_train=16, num_test=13,
                          num_workers=1).download_and_prepare()
     runs = tmp_path_factory.mktemp("runs")
+    config = tiny.get_config()
     dirs = []
     for seed, run in ((0, "marginnce"), (1, "ezvsl")):
-        net = factory.build_model(ml_collections.ConfigDict(
-            {"width": 8, "embed_dim": 16, "dtype": "float32", "image_pretrained": ""}), seed)
+        net = factory.build_model(config.model, seed)
         _, params, batch_stats = nnx.split(net, nnx.Param, nnx.BatchStat)
-        dirs.append(str(checkpointing.save_model(runs / run / "model", {"width": 8,
-                                                 "embed_dim": 16}, params, batch_stats)))
+        model_config = {**config.model.to_dict(), "image_size": config.image_size}
+        dirs.append(str(checkpointing.save_model(runs / run / "model", model_config, params,
+                                                 batch_stats)))
     return data_dir, dirs
 
 
@@ -315,25 +312,22 @@ def test_two_checkpoints_side_by_side(tiny_run, tmp_path):
     assert first[:3] == values[:3] and first[-3:] == sorted(first[-3:])
 
 
-def test_run_all_writes_a_report(tiny_run, tmp_path):
-    """Training's route: Evaluator.run_all(..., report_dir=...)."""
+def test_report_maps_score_as_the_evaluation(tiny_run, tmp_path):
+    """The report's recomputed maps (Evaluator.maps) score as the evaluation did (same
+    samples, same maps) on 8 devices."""
     data_dir, dirs = tiny_run
     config = tiny_config(data_dir)
     mesh = sharding.make_mesh(8)
-    graphdef, params, batch_stats, _ = evaluate.load_for_eval(dirs[0], config, mesh)
-    evaluator = evaluate.Evaluator(config, graphdef, mesh)
+    model = load.load_model(dirs[0], mesh=mesh)
+    scorer = evaluator.Evaluator(config, mesh)
     source = prepare.load_split(DATASET, "test", os.fspath(data_dir))
-    summaries = evaluator.run_all(params, batch_stats, {DATASET: source},
-                                  report_dir=tmp_path, label="epoch 3")
-    assert summaries[DATASET]["N"] == 13
-    html = (tmp_path / "report.html").read_text()
-    check_links(tmp_path, html)
-    assert "<b>epoch 3</b><br>cIoU" in html
-    # The report's recomputed maps score as the evaluation did (same samples, same maps).
-    result = evaluator.run(params, batch_stats, source, DATASET)
+    result = scorer.run(model, source, DATASET)
     rep = report.Report(config, {DATASET: source})
-    rep.add_model("m", {DATASET: result}, evaluator.local_maps(params, batch_stats))
+    rep.add_model("m", {DATASET: result}, functools.partial(scorer.maps, model))
     shown = rep.shown[DATASET]
     gt = metrics.gt_maps([source[s.index]["boxes"] for s in shown], "vggss")
     np.testing.assert_allclose(metrics.ciou(rep.models[0].maps[DATASET]["av"], gt),
                                result.cious["av"][[s.index for s in shown]], atol=1e-6)
+    assert scorer.num_traces == 1  # the report's maps ran the evaluation's compiled step
+    path = rep.write(tmp_path)
+    check_links(tmp_path, path.read_text())

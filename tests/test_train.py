@@ -7,17 +7,15 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import default
+from configs import tiny
 from sslocal import losses, sharding, train
 
 
 def tiny_config():
-    config = default.get_config()
-    config.model.width = 8
-    config.model.embed_dim = 16
-    config.model.image_pretrained = ""
-    config.batch_size = 16
-    config.eval_batch_size = 16
+    """The tiny model with the paper's architecture (stride-32 map, unpooled spectrograms)."""
+    config = tiny.get_config()
+    config.model.image_stride, config.model.audio_pool = 32, 1
+    config.batch_size = config.eval_batch_size = 16
     return config
 
 

@@ -1,12 +1,13 @@
 """Grain input pipelines over the prepared ArrayRecord data (tfds data sources).
 
+Both loaders batch uint8 frames with the stored float16 spectrograms; `model_inputs` finishes
+them (ImageNet normalisation, / 12) inside the jitted train and eval steps, where it is nearly
+free, instead of on the host, where it was a third of the work per sample.
 Training: each host reads its own contiguous, equally long shard of the split, shuffles it
 (a new order every epoch), decodes the JPEG, takes a random S x S crop of the int(1.1 * S)
-frame and flips it with probability 1/2 (seeded per record), and batches uint8 frames with the
-stored float16 spectrograms; `train_inputs` finishes them (normalisation, / 12) inside the
-jitted step, where it is nearly free, instead of on the host, where it was a third of the
-work per sample. Evaluation: every host runs the same number of batches and padding carries
-mask=False, so each sample is scored once.
+frame and flips it with probability 1/2 (seeded per record). Evaluation: every host runs the
+same number of batches; each slot carries its test-set index, and padding carries mask=False,
+so each sample is scored once.
 """
 
 from __future__ import annotations
@@ -27,12 +28,9 @@ from absl import flags
 from PIL import Image
 
 from sslocal import metrics
-from sslocal.data.spectrogram import SPEC_SCALE, SPEC_SHAPE
+from sslocal.protocol import IMAGENET_MEAN, IMAGENET_STD, MAP_SIZE, SPEC_SCALE, SPEC_SHAPE
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-GT_SIZE = 224
-TEST_RESIZE = {"squash": "image", "center_crop": "image_center_crop"}
+TEST_RESIZE = {"squash": "image", "center_crop": "image_center_crop"}  # record key per variant
 
 
 # -- transforms shared with `sslocal localize` ------------------------------------------------
@@ -58,43 +56,36 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-# (x / 255 - mean) / std in float32 for every uint8 value x, one table per channel: a gather
-# per channel is the cheapest uint8 -> float32 pass, and bit-identical to the formula.
-_NORMALIZE_LUT = [np.ascontiguousarray(
-    (np.arange(256, dtype=np.float32) / np.float32(255) - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
-    for c in range(3)]
-
-
-def normalize_images(images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB (..., 3) -> float32 (x / 255 - mean) / std, ImageNet statistics (into `out`
-    when given)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 (..., 3) RGB, got {images.dtype} {images.shape}")
-    if out is None:
-        out = np.empty(images.shape, np.float32)
-    for c in range(3):
-        np.take(_NORMALIZE_LUT[c], images[..., c], out=out[..., c])
-    return out
-
-
-def preprocess_eval_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (size, size, 3): bicubic squash to size x size (aspect not
-    kept; no resampling when already that size), then ImageNet normalisation (PROTOCOL 1)."""
+def eval_frame(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3): the test frame, squashed bicubically (aspect
+    not kept; no resampling when already that size), as prepare stores test frames."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
     if image.shape[:2] != (size, size):
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    return normalize_images(image)
+    return image
 
 
-def preprocess_spectrogram(log_spec: np.ndarray) -> np.ndarray:
-    """Log spectrogram (257, 200) (any float dtype) -> float32 (257, 200, 1) = log_spec / 12."""
+def stored_spectrogram(log_spec: np.ndarray) -> np.ndarray:
+    """Log spectrogram (257, 200) -> float16 (257, 200, 1), as prepare stores it and the
+    loaders batch it."""
     log_spec = np.asarray(log_spec)
     if log_spec.shape[-2:] != SPEC_SHAPE:
         raise ValueError(f"expected a {SPEC_SHAPE} log spectrogram, got shape {log_spec.shape}")
-    return (log_spec.astype(np.float32) / np.float32(SPEC_SCALE))[..., None]
+    return log_spec.astype(np.float16)[..., None]
+
+
+def model_inputs(image: jax.Array, spec: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Frames and spectrograms as the loaders batch them (uint8, float16) -> the model's float32
+    inputs, inside the jitted step: (x / 255 - mean) / std and log S / 12 (docs/protocol.md
+    section 1)."""
+    if image.dtype != jnp.uint8 or spec.dtype != jnp.float16:
+        raise TypeError(f"the model takes uint8 frames and float16 spectrograms (as the loaders "
+                        f"batch them), got {image.dtype} and {spec.dtype}")
+    mean, std = jnp.asarray(IMAGENET_MEAN, jnp.float32), jnp.asarray(IMAGENET_STD, jnp.float32)
+    image = (image.astype(jnp.float32) / jnp.float32(255) - mean) / std
+    return image, spec.astype(jnp.float32) / jnp.float32(SPEC_SCALE)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -139,19 +130,6 @@ class TrainBatch:
         return {"image": images, "spec": specs}
 
 
-def train_inputs(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """A training batch as the loader makes it -> the model's float32 inputs, on the device:
-    images (x / 255 - mean) / std and spectrograms / 12, the arithmetic of normalize_images
-    and preprocess_spectrogram (evaluation's host path) in the same float32 order (XLA may
-    round a division by a constant differently: within one float32 step)."""
-    image, spec = batch["image"], batch["spec"]
-    if image.dtype != jnp.uint8 or spec.dtype != jnp.float16:
-        raise TypeError(f"a training batch holds uint8 images and float16 spectrograms (as "
-                        f"train_loader makes them), got {image.dtype} and {spec.dtype}")
-    image = (image.astype(jnp.float32) / jnp.float32(255) - IMAGENET_MEAN) / IMAGENET_STD
-    return image, spec.astype(jnp.float32) / jnp.float32(SPEC_SCALE)
-
-
 def _seeds(seed: int, process_index: int) -> tuple[int, int]:
     """Independent 32-bit seeds for the shuffle and the augmentation of one host."""
     state = np.random.SeedSequence([seed, process_index]).generate_state(2)
@@ -171,7 +149,7 @@ def train_loader(source: Any, *, global_batch_size: int, image_size: int, seed: 
                  ) -> grain.DatasetIterator:
     """Host-local training batches {"image": uint8 (b, S, S, 3), "spec": float16 (b, 257, 200,
     1), the log spectrogram before / 12}, b = global_batch_size / process_count; num_epochs
-    None = forever. `train_inputs` turns a batch into the model's inputs.
+    None = forever. `model_inputs` turns a batch into the model's inputs.
 
     Each host takes the contiguous shard [p * n, (p + 1) * n) of the split, n = N // P (every
     host then runs N // global_batch_size steps per epoch); the shard is reshuffled every epoch
@@ -208,7 +186,9 @@ def train_loader(source: Any, *, global_batch_size: int, image_size: int, seed: 
 
 class _EvalSlots:
     """Random-access source of one host's evaluation slots: global batch k holds samples
-    [k * G, (k + 1) * G), host p its part [p * b, (p + 1) * b); slots past N are padding."""
+    [k * G, (k + 1) * G), host p its part [p * b, (p + 1) * b); slots past N are padding.
+    Each slot yields its test-set index with the record, so the index travels with the sample
+    (the evaluator gathers it) and is computed nowhere else."""
 
     def __init__(self, source: Any, batch: int, process_index: int, process_count: int):
         self.source = source
@@ -227,27 +207,31 @@ class _EvalSlots:
         return (index, self.source[index]) if index < self.n else (index, None)
 
 
+def record_id(record: dict[str, Any]) -> str:
+    """A record's clip id as str (TFDS returns bytes)."""
+    clip_id = record["id"]
+    return clip_id.decode("utf-8") if isinstance(clip_id, bytes) else str(clip_id)
+
+
 class _EvalRecord(grain.transforms.Map):
     def __init__(self, image_size: int, image_key: str):
         self.image_size = image_size
         self.image_key = image_key
 
     def map(self, item: tuple[int, Any]) -> dict[str, Any]:
-        _, record = item
+        index, record = item
         size = self.image_size
         if record is None:  # padding: scored by nobody
-            return {"image": np.zeros((size, size, 3), np.float32),
-                    "spec": np.zeros((*SPEC_SHAPE, 1), np.float32),
+            return {"image": np.zeros((size, size, 3), np.uint8),
+                    "spec": np.zeros((*SPEC_SHAPE, 1), np.float16),
                     "boxes": np.zeros((0, 4), np.float32), "mask": False, "sounding": False,
-                    "id": ""}
+                    "index": index, "id": ""}
         if self.image_key not in record:
             raise KeyError(f"the dataset has no {self.image_key!r} frames (test sets only)")
-        clip_id = record["id"]
-        return {"image": preprocess_eval_image(decode_image(record[self.image_key]), size),
-                "spec": preprocess_spectrogram(record["spectrogram"]),
+        return {"image": eval_frame(decode_image(record[self.image_key]), size),
+                "spec": np.asarray(record["spectrogram"], np.float16)[..., None],
                 "boxes": np.asarray(record["boxes"], np.float32), "mask": True,
-                "sounding": bool(record["sounding"]),
-                "id": clip_id.decode("utf-8") if isinstance(clip_id, bytes) else str(clip_id)}
+                "sounding": bool(record["sounding"]), "index": index, "id": record_id(record)}
 
 
 class _EvalBatch:
@@ -259,30 +243,29 @@ class _EvalBatch:
             "image": np.stack([r["image"] for r in records]),
             "spec": np.stack([r["spec"] for r in records]),
             "gt_map": metrics.gt_maps([r["boxes"] for r in records], self.gt_format,
-                                      size=GT_SIZE),
+                                      size=MAP_SIZE),
             "mask": np.array([r["mask"] for r in records], bool),
             "sounding": np.array([r["sounding"] for r in records], bool),
+            "index": np.array([r["index"] for r in records], np.int64),
             "id": np.array([r["id"] for r in records], dtype=str),
         }
-
-
-def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
-    """Batches every host runs over a test set of num_examples: ceil(N / global batch)."""
-    return math.ceil(num_examples / global_batch_size)
 
 
 def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
                 gt_format: str | None = None, process_index: int | None = None,
                 process_count: int | None = None, test_resize: str = "squash",
                 num_threads: int = 4) -> grain.DatasetIterator:
-    """Host-local evaluation batches {"image", "spec", "gt_map" f32 (b, 224, 224), "mask" bool,
-    "sounding" bool, "id" str}, b = global_batch_size / process_count.
+    """Host-local evaluation batches {"image" uint8 (b, S, S, 3), "spec" float16 (b, 257, 200,
+    1), "gt_map" f32 (b, 224, 224), "mask" bool, "sounding" bool, "index" int64, "id" str},
+    b = global_batch_size / process_count; `model_inputs` turns image and spec into the
+    model's inputs.
 
     Every host yields ceil(N / global_batch_size) batches; global batch k holds samples
-    [k * G, (k + 1) * G) split contiguously over the hosts, and slots past N are padding with
-    mask False (zeros, id ""). So each sample is scored exactly once, in a fixed order.
+    [k * G, (k + 1) * G) split contiguously over the hosts; "index" is each slot's position in
+    the test set, and slots past N (index >= N) are padding with mask False (zeros, id "").
+    So each sample is scored exactly once.
     gt_format: "flickr" or "vggss" (default: the dataset's, from its metadata).
-    test_resize: "squash" (the reference, PROTOCOL 1) or "center_crop".
+    test_resize: "squash" (the reference, docs/protocol.md section 1) or "center_crop".
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -303,7 +286,7 @@ def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
 
 # -- throughput -------------------------------------------------------------------------------
 
-def benchmark_input(source: Any, *, global_batch_size: int = 128, image_size: int = 224,
+def loader_throughput(source: Any, *, global_batch_size: int = 128, image_size: int = 224,
                     num_batches: int = 20, warmup_batches: int = 2, worker_count: int = 0,
                     num_threads: int = 1, seed: int = 0) -> dict[str, float]:
     """Training-loader throughput on this host: samples/s of wall time and per CPU-second of

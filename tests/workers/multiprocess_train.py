@@ -16,20 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def tiny_config(data_dir: str):
-    from configs import synthetic
+    from configs import tiny
 
-    config = synthetic.get_config()
-    config.train_dataset = "synthetic_av/tiny"
-    config.test_datasets = ("synthetic_av/tiny",)
+    config = tiny.get_config()
     config.data_dir = data_dir
-    config.image_size = 64
-    config.model.width = 8
-    config.model.embed_dim = 16
-    config.batch_size = 8
-    config.eval_batch_size = 8
     config.max_steps = 2
-    config.eval.report = False
-    config.eval.baselines = False
     return config
 
 
