@@ -1,4 +1,4 @@
-"""The paper's setup: marginNCE on the EZ-VSL towers (PROTOCOL.md sections 2-4).
+"""The paper's setup: marginNCE on the EZ-VSL towers (docs/protocol.md sections 2-4).
 
 Every experiment config imports this file and overrides a few fields; see each docstring.
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics (PROTOCOL.md section 6): ground-truth maps, cIoU, AUC, SLAVC AP / max-F1.
+"""Evaluation metrics (docs/protocol.md section 6): ground-truth maps, cIoU, AUC, SLAVC AP / max-F1.
 
 Host-side numpy, vectorised over the batch (5,000 VGG-SS samples score in seconds). Maps are
 (B, S, S); boxes are (xmin, ymin, xmax, ymax) integer pixel coordinates, end exclusive.

@@ -1,4 +1,4 @@
-"""Annotations, split lists and metadata checksums (PROTOCOL 6, data/metadata/README.md)."""
+"""Annotations, split lists and metadata checksums (protocol 6, data/metadata/README.md)."""
 
 import json
 import re

@@ -1,7 +1,7 @@
 """TFDS builders on fixture trees written here: counts, manifests, decoded features.
 
 Expected values are computed independently in the tests (scipy spectrogram, PIL resizes, the
-box formulas of PROTOCOL 6 written out), never taken from a previous run.
+box formulas of docs/protocol.md section 6 written out), never taken from a previous run.
 """
 
 import io
@@ -211,7 +211,7 @@ def test_flickr_test_boxes_and_frames(tree, tmp_path):
     assert builder.info.metadata["gt_format"] == "flickr"
 
     examples = _examples(builder, "test")
-    to224 = lambda v: int(224 * v / 256)  # PROTOCOL 6
+    to224 = lambda v: int(224 * v / 256)  # docs/protocol.md section 6
     np.testing.assert_array_equal(examples["good1"]["boxes"],
                                   [[to224(v) for v in b] for b in tree["xml"]["good1"]])
     # (-20, 10, 100, 300) -> (-17, 8, 87, 262) -> clipped; the swapped box is kept as it is.

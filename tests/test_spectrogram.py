@@ -1,4 +1,4 @@
-"""Audio loading and log spectrogram against an independent scipy/numpy pipeline (PROTOCOL 1)."""
+"""Audio loading and log spectrogram against an independent scipy/numpy pipeline (protocol 1)."""
 
 import librosa
 import numpy as np
@@ -11,7 +11,7 @@ from sslocal.data import spectrogram as sp
 
 
 def _reference_clip(path):
-    """PROTOCOL 1 written out independently: read, resample, clip, mean, centre or tile."""
+    """protocol 1 written out independently: read, resample, clip, mean, centre or tile."""
     sr, data = scipy.io.wavfile.read(path)
     x = data.astype(np.float64) / 32768.0 if data.dtype == np.int16 else data.astype(np.float64)
     x = x.reshape(len(x), -1).T  # (channels, n)

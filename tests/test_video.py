@@ -72,7 +72,7 @@ def test_mp4_centre_frame_and_aac_audio(tmp_path, tone):
     assert frame.shape == (H, W, 3) and frame.dtype == np.uint8
     assert np.abs(frame.astype(int) - _colour(10)).max() <= 3  # t = 2.5 s: frame 10
     mono = _reference_mono16k(tone)
-    ref = mono[len(mono) // 2 - 24000 :][:48000]  # PROTOCOL 1: start = duration / 2 - 1.5 s
+    ref = mono[len(mono) // 2 - 24000 :][:48000]  # protocol 1: start = duration / 2 - 1.5 s
     assert audio.shape == (48000,) and audio.dtype == np.float32
     assert np.sqrt(np.mean((audio - ref) ** 2) / np.mean(ref**2)) < 0.05  # AAC tolerance
 

@@ -78,7 +78,7 @@ def _read_vggss_entries(json_path: str | os.PathLike | None) -> tuple[Path, list
 def load_vggss(json_path: str | os.PathLike | None = None) -> dict[str, list[Box]]:
     """vggss.json (default: the shipped one) -> {clip id: [(xmin, ymin, xmax, ymax)] in 224 px}.
 
-    Coordinates go through `(clip(v, 0, 1) * 224).astype(int)` (PROTOCOL 6), so the 12 corrupt
+    Coordinates go through `(clip(v, 0, 1) * 224).astype(int)` (protocol 6), so the 12 corrupt
     coordinates (about -2.9e16) become 0 and their boxes empty (xmax <= xmin or ymax <= ymin),
     which the box raster `gt[ymin:ymax, xmin:xmax]` leaves out. Boxes are kept as they come.
     """
@@ -108,7 +108,7 @@ def vggss_class_names(json_path: str | os.PathLike | None = None) -> list[str]:
 
 
 def load_flickr_xml(path: str | os.PathLike) -> list[Box]:
-    """A SoundNet-Flickr annotation XML -> every annotator's box in 224 px (PROTOCOL 6).
+    """A SoundNet-Flickr annotation XML -> every annotator's box in 224 px (protocol 6).
 
     For every element of the root, each child tagged `bbox` holds, after its first child, the
     four integers xmin, ymin, xmax, ymax (taken by position); each becomes int(224 * v / 256).

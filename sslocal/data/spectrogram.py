@@ -1,4 +1,4 @@
-"""Audio loading and the reference log spectrogram (PROTOCOL.md section 1)."""
+"""Audio loading and the reference log spectrogram (docs/protocol.md section 1)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ import librosa
 import numpy as np
 import scipy.signal
 
-SAMPLE_RATE = 16000
-CLIP_SECONDS = 3.0
-CLIP_SAMPLES = 48000
-SPEC_SCALE = 12.0
-SPEC_SHAPE = (257, 200)
-MIN_SECONDS = 0.1  # shorter audio is an error, never tiled
+from sslocal.protocol import (
+    CLIP_SAMPLES,
+    MIN_AUDIO_SECONDS,
+    SAMPLE_RATE,
+    SPEC_LOG_EPS,
+    SPEC_NOVERLAP,
+    SPEC_NPERSEG,
+)
 
 
 def to_mono_16k(wave: np.ndarray, sr: int, *, name: str = "waveform") -> np.ndarray:
     """(n,) or (channels, n) audio at `sr` -> (m,) float32 mono at 16 kHz, checked.
 
     Resampled with librosa's default resampler (the one `librosa.load` uses), clipped to
-    [-1, 1], then averaged over channels (PROTOCOL 1).
+    [-1, 1], then averaged over channels (docs/protocol.md section 1).
     """
     wave = np.asarray(wave)
     if wave.ndim not in (1, 2):
@@ -34,8 +36,9 @@ def to_mono_16k(wave: np.ndarray, sr: int, *, name: str = "waveform") -> np.ndar
     if not np.all(np.isfinite(wave)):
         raise ValueError(f"{name}: audio holds non-finite samples (NaN or inf)")
     seconds = wave.shape[-1] / sr
-    if seconds < MIN_SECONDS:
-        raise ValueError(f"{name}: audio is {seconds:.3f} s long, shorter than {MIN_SECONDS} s")
+    if seconds < MIN_AUDIO_SECONDS:
+        raise ValueError(f"{name}: audio is {seconds:.3f} s long, shorter than "
+                         f"{MIN_AUDIO_SECONDS} s")
     if sr != SAMPLE_RATE:
         wave = librosa.resample(wave.astype(np.float32), orig_sr=sr, target_sr=SAMPLE_RATE)
     wave = np.clip(wave, -1.0, 1.0)
@@ -51,7 +54,7 @@ def clip_from_waveform(
     *,
     name: str = "waveform",
 ) -> np.ndarray:
-    """In-memory audio -> the (48000,) float32 mono 16 kHz clip of PROTOCOL 1.
+    """In-memory audio -> the (48000,) float32 mono 16 kHz clip of docs/protocol.md section 1.
 
     `wave` is (n,) or (channels, n) at `sr` Hz (see `to_mono_16k`). 3 s are cut centred on the
     middle of the file (`centre_seconds=None`, the protocol: start = max(duration / 2 - 1.5, 0))
@@ -72,7 +75,7 @@ def clip_from_waveform(
 
 
 def load_clip_audio(path: str | os.PathLike) -> np.ndarray:
-    """An audio file -> (48000,) float32: 3 s, mono, 16 kHz, centred (PROTOCOL 1)."""
+    """An audio file -> (48000,) float32: 3 s, mono, 16 kHz, centred (docs/protocol.md 1)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
@@ -91,7 +94,7 @@ def load_clip_audio(path: str | os.PathLike) -> np.ndarray:
 def log_spectrogram(wave: np.ndarray) -> np.ndarray:
     """(48000,) waveform -> (257, 200) float32 log(S + 1e-7), S = scipy's spectrogram.
 
-    The model input is this divided by SPEC_SCALE (PROTOCOL 1).
+    The model input is this divided by protocol.SPEC_SCALE.
     """
     wave = np.asarray(wave)
     if wave.shape != (CLIP_SAMPLES,):
@@ -100,6 +103,6 @@ def log_spectrogram(wave: np.ndarray) -> np.ndarray:
         raise ValueError("waveform holds non-finite samples (NaN or inf)")
     # float64 so that the float32 result is the reference to rounding.
     _, _, spec = scipy.signal.spectrogram(
-        wave.astype(np.float64), fs=SAMPLE_RATE, nperseg=512, noverlap=274
+        wave.astype(np.float64), fs=SAMPLE_RATE, nperseg=SPEC_NPERSEG, noverlap=SPEC_NOVERLAP
     )
-    return np.log(spec + 1e-7).astype(np.float32)
+    return np.log(spec + SPEC_LOG_EPS).astype(np.float32)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16000
-CLIP_SAMPLES = 48000
+from sslocal.protocol import CLIP_SAMPLES, SAMPLE_RATE
+
 MAX_CATEGORIES = 32
 
 # Saturated hues, ordered so that the first few are far apart.

@@ -9,7 +9,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from sslocal.data.spectrogram import SAMPLE_RATE, clip_from_waveform, to_mono_16k
+from sslocal.data.spectrogram import clip_from_waveform, to_mono_16k
+from sslocal.protocol import SAMPLE_RATE
 
 _EPS = 1e-6  # seconds: a frame whose start time is within this of t is "at" t
 
@@ -93,7 +94,7 @@ def read_video_clip(
     """A video -> (frame uint8 (H, W, 3) RGB, audio (48000,) float32 at 16 kHz).
 
     Default: the frame at the middle of the video stream and the protocol's audio clip (3 s
-    centred on the middle of the audio, PROTOCOL 1). With `at_seconds`: the frame shown at that
+    centred on the middle of the audio, protocol 1). With `at_seconds`: the frame shown at that
     time and 3 s of audio centred on it (kept inside the file).
     """
     path = Path(path)
@@ -116,7 +117,7 @@ def iter_video_steps(
     """Yields (t, frame uint8 (H, W, 3), audio (48000,) float32) for t = 0, every, 2 * every, ...
 
     up to the end of the video: the frame shown at t and 3 s of 16 kHz audio centred on t
-    (kept inside the file; audio shorter than 3 s is tiled, as in PROTOCOL 1).
+    (kept inside the file; audio shorter than 3 s is tiled, as in docs/protocol.md section 1).
     """
     if every <= 0:
         raise ValueError(f"every must be positive, got {every}")

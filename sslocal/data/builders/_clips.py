@@ -16,9 +16,8 @@ import numpy as np
 from PIL import Image
 
 from sslocal.data import spectrogram
+from sslocal.protocol import MAP_SIZE, TRAIN_SCALE
 
-GT_SIZE = 224  # boxes are stored in the 224-px coordinates of the ground-truth map
-TRAIN_SCALE = 1.1  # training frames keep int(1.1 * S) on the shorter side for the random crop
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = 0  # 4:4:4; 4:2:0 (2) decodes ~0.1 ms faster but smears coloured edges
 
@@ -76,7 +75,7 @@ def read_frame(path: str | os.PathLike) -> Image.Image:
         return image.convert("RGB")
 
 
-def check_boxes(boxes: Any, size: int = GT_SIZE) -> tuple[np.ndarray, list[str]]:
+def check_boxes(boxes: Any, size: int = MAP_SIZE) -> tuple[np.ndarray, list[str]]:
     """Boxes (N, 4) xmin, ymin, xmax, ymax in size-px coordinates -> float32 (N, 4) and warnings.
 
     Coordinates outside [0, size] are clipped (reported). A box with xmin >= xmax or

@@ -29,11 +29,12 @@ from tensorflow_datasets.core import file_adapters
 from tensorflow_datasets.core import utils as tfds_utils
 from tqdm.auto import tqdm
 
+from sslocal.data import annotations
 from sslocal.data.builders import _clips
+from sslocal.protocol import SPEC_SHAPE, TRAIN_SCALE
 
 MANIFEST = "manifest.json"
 MIN_CLIPS_PER_WORKER = 64  # a spawned worker takes seconds to start (imports)
-SPEC_SHAPE = (257, 200)
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,7 +54,7 @@ class AVConfig(tfds.core.BuilderConfig):
 
 
 def features(test: bool) -> tfds.features.FeaturesDict:
-    """The example features (DESIGN.md). Test sets also hold the center-crop frame variant."""
+    """The example features (docs/design.md). Test sets also hold the center-crop frame variant."""
     spec = {
         "id": tfds.features.Text(),
         "image": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -123,6 +124,25 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: in
             yield result
 
 
+# -- job lists shared by the builders ----------------------------------------------------
+
+def train_jobs(root: str, split_list: str | None, ids: list[str] | None,
+               image_size: int) -> list[dict[str, Any]]:
+    """Jobs of a training split: `ids`, else the shipped list, else every clip under root."""
+    if ids is None:
+        ids = annotations.read_split(split_list) if split_list else _clips.ids_on_disk(root)
+    return [_clips.make_job(i, root, image_size=image_size, test=False, sounding=True)
+            for i in ids]
+
+
+def silent_jobs(root: str, pairs: list[tuple[str, str, str]], image_size: int) -> list[dict]:
+    """Jobs of the non-sounding pairs of a plus_silent list: the frame of `video` with the audio
+    of `audio`, no box. Rows labelled otherwise are left to the sounding test list."""
+    return [_clips.make_job(f"{video}+{audio}", root, image_size=image_size, test=True,
+                            frame_id=video, audio_id=audio, sounding=False, boxes=[])
+            for video, audio, label in pairs if label.strip() == "non-sounding"]
+
+
 class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the sslocal builders. Constructor arguments beyond TFDS's:
 
@@ -168,6 +188,15 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     _process = staticmethod(_clips.process_clip)
 
+    def _plus_silent_jobs(self, root: str | None) -> list[dict[str, Any]]:
+        """The non-sounding pairs of the config's plus_silent list (none without one)."""
+        config = self.builder_config
+        if not config.plus_silent:
+            return []
+        pairs = (self._silent_pairs if self._silent_pairs is not None
+                 else annotations.read_plus_silent(config.plus_silent))
+        return silent_jobs(root, pairs, config.image_size)
+
     # -- TFDS hooks -------------------------------------------------------------------------
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -178,7 +207,7 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             features=features(config.test),
             metadata=tfds.core.MetadataDict(
                 image_size=config.image_size, gt_format=self.GT_FORMAT, test=config.test,
-                train_frames=f"shorter side int({_clips.TRAIN_SCALE} * S), JPEG q"
+                train_frames=f"shorter side int({TRAIN_SCALE} * S), JPEG q"
                              f"{_clips.JPEG_QUALITY}",
                 test_frames="S x S bicubic squash, PNG; image_center_crop: shorter side S, "
                             "centre crop, PNG"),

@@ -6,16 +6,7 @@ import os
 
 from sslocal.data import annotations
 from sslocal.data.builders import _clips
-from sslocal.data.builders.base import AVBuilder, AVConfig
-from sslocal.data.builders.vggsound import train_jobs
-
-
-def silent_jobs(root: str, pairs: list[tuple[str, str, str]], image_size: int) -> list[dict]:
-    """Jobs of the non-sounding pairs of a plus_silent list: the frame of `video` with the audio
-    of `audio`, no box. Rows labelled otherwise are left to the sounding test list."""
-    return [_clips.make_job(f"{video}+{audio}", root, image_size=image_size, test=True,
-                            frame_id=video, audio_id=audio, sounding=False, boxes=[])
-            for video, audio, label in pairs if label.strip() == "non-sounding"]
+from sslocal.data.builders.base import AVBuilder, AVConfig, train_jobs
 
 
 class FlickrSoundnet(AVBuilder):
@@ -42,8 +33,4 @@ class FlickrSoundnet(AVBuilder):
         jobs = [_clips.make_job(i, root, image_size=config.image_size, test=True, sounding=True,
                                 xml=os.path.join(root, "Annotations", f"{i}.xml"))
                 for i in ids]
-        if config.plus_silent:
-            pairs = (self._silent_pairs if self._silent_pairs is not None
-                     else annotations.read_plus_silent(config.plus_silent))
-            jobs += silent_jobs(root, pairs, config.image_size)
-        return {"test": jobs}
+        return {"test": jobs + self._plus_silent_jobs(root)}

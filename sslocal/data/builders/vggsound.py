@@ -2,20 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from sslocal.data import annotations
-from sslocal.data.builders import _clips
-from sslocal.data.builders.base import AVBuilder, AVConfig
-
-
-def train_jobs(root: str, split_list: str | None, ids: list[str] | None,
-               image_size: int) -> list[dict[str, Any]]:
-    """Jobs of a training split: `ids`, else the shipped list, else every clip under root."""
-    if ids is None:
-        ids = annotations.read_split(split_list) if split_list else _clips.ids_on_disk(root)
-    return [_clips.make_job(i, root, image_size=image_size, test=False, sounding=True)
-            for i in ids]
+from sslocal.data.builders.base import AVBuilder, AVConfig, train_jobs
 
 
 class Vggsound(AVBuilder):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sslocal.data import annotations
 from sslocal.data.builders import _clips
 from sslocal.data.builders.base import AVBuilder, AVConfig
-from sslocal.data.builders.flickr_soundnet import silent_jobs
 
 
 class Vggss(AVBuilder):
@@ -39,8 +38,4 @@ class Vggss(AVBuilder):
             if i not in boxes:
                 job["missing_annotation"] = "vggss.json (no entry for this id)"
             jobs.append(job)
-        if config.plus_silent:
-            pairs = (self._silent_pairs if self._silent_pairs is not None
-                     else annotations.read_plus_silent(config.plus_silent))
-            jobs += silent_jobs(root, pairs, config.image_size)
-        return {"test": jobs}
+        return {"test": jobs + self._plus_silent_jobs(root)}
