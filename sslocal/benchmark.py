@@ -4,17 +4,20 @@ step   the jitted train step (train.make_train_step) on device-resident syntheti
        compile time, steady-state median step time over >= 20 synchronised steps, samples/s,
        model FLOPs, achieved TFLOP/s and the share of the device's peak, the collectives and
        convolution dtypes of the compiled program.
-input  the Grain training loader alone on a prepared dataset (pipeline.benchmark_input).
+input  the Grain training loader alone on a prepared dataset (pipeline.loader_throughput).
 e2e    loader + step as training runs them: the next batch is loaded and sent to the device
        while the step runs; metrics are fetched once, at the end.
 
-FLOP convention: one multiply-add = 2 FLOPs; "model FLOPs" count convolutions, dense layers,
-the 1 x 1 projection and the B x B similarity, with padded positions included (the usual
-2 * k * k * Cin * Cout * Hout * Wout; XLA's cost analysis counts only the taps that hit the
-image, `count_padding=False`). BatchNorm, ReLU, pooling, the loss's elementwise work and Adam
-are memory-bound and left out (< 1% of the FLOPs at the paper's sizes). A train step is the
-forward pass, the weight gradients (= forward) and the input gradients (= forward, except the
-first convolution of each tower, whose input needs none): about 3 x forward.
+FLOP convention: one multiply-add = 2 FLOPs; "model FLOPs" are those of every
+conv_general_dilated and dot_general in the jaxpr of the configured model's forward pass and
+loss, traced (not run) at the config's shapes: 2 * output elements * kernel taps * Cin /
+feature_group_count per convolution, padded taps included (the usual 2 * k * k * Cin * Cout *
+Hout * Wout; XLA's cost analysis counts only the taps that hit the image, `count_padding=False`),
+2 * output elements * contracted size per dot (the projections, the loss's B x B similarity).
+BatchNorm, ReLU, pooling, the loss's elementwise work and Adam are memory-bound and left out
+(< 1% of the FLOPs at the paper's sizes). A train step is the forward pass, the weight
+gradients (= forward) and the input gradients (= forward, except the first convolution of each
+tower, whose input is the data and needs none): about 3 x forward.
 
 The number of devices is every device, or $SSLOCAL_BENCH_DEVICES, or `num_devices=`;
 $SSLOCAL_BENCH_HLO_DIR makes the step benchmark write its optimised HLO there.
@@ -22,29 +25,30 @@ $SSLOCAL_BENCH_HLO_DIR makes the step benchmark write its optimised HLO there.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.extend
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from sslocal import sharding, train
+from sslocal.models import factory
+from sslocal.protocol import SPEC_SHAPE
 
 KINDS = ("step", "input", "e2e")
 DEVICES_ENV = "SSLOCAL_BENCH_DEVICES"
 HLO_ENV = "SSLOCAL_BENCH_HLO_DIR"  # step: also write the optimised HLO there
-# PROTOCOL 1 (= spectrogram.SPEC_SHAPE; not imported, so that the step benchmark needs no
-# audio libraries on an accelerator image).
-SPEC_SHAPE = (257, 200)
 MIN_STEPS = 20
 
 # Dense peak TFLOP/s by jax device_kind (first matching substring wins, so specific names
@@ -67,99 +71,101 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
-# -- FLOPs, counted from the architecture -----------------------------------------------------
+# -- FLOPs, counted from the traced model -----------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """One convolution (or dense layer: k = 1 on a 1 x 1 map) applied to one sample."""
-
-    name: str
-    in_hw: tuple[int, int]
-    cin: int
-    cout: int
-    k: int = 1
-    stride: int = 1
-    pad: int = 0
-    data_input: bool = False  # its input is the data: no input gradient in the backward pass
-
-    @property
-    def out_hw(self) -> tuple[int, int]:
-        return tuple(conv_out(n, self.k, self.stride, self.pad) for n in self.in_hw)
-
-    def flops(self, count_padding: bool = True) -> int:
-        taps = [conv_taps(n, self.k, self.stride, self.pad, count_padding) for n in self.in_hw]
-        return 2 * self.cin * self.cout * taps[0] * taps[1]
+_MATMULS = ("conv_general_dilated", "dot_general")
+# Primitives whose sub-jaxprs run other than exactly once: the count would be wrong.
+_CONTROL_FLOW = ("cond", "while", "scan")
 
 
-def conv_out(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+def matmul_equations(jaxpr: jax.extend.core.Jaxpr) -> Iterator[jax.extend.core.JaxprEqn]:
+    """Every convolution and dot_general of a jaxpr, its sub-jaxprs' (jit, custom_jvp...)
+    included, in program order."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CONTROL_FLOW:
+            raise NotImplementedError(f"cannot count FLOPs through {eqn.primitive.name}")
+        if eqn.primitive.name in _MATMULS:
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from matmul_equations(sub)
 
 
-def conv_taps(size: int, k: int, stride: int, pad: int, count_padding: bool = True) -> int:
-    """Sum over the output positions of one axis of the kernel taps used: out * k, or only the
-    taps that land inside the input (what XLA's cost analysis counts)."""
-    out = conv_out(size, k, stride, pad)
-    if count_padding:
-        return out * k
-    return sum(min(k, size + pad - i * stride) - max(0, pad - i * stride) for i in range(out))
+def _valid_taps(size: int, out: int, k: int, stride: int, padding: tuple[int, int],
+                lhs_dilation: int, rhs_dilation: int) -> int:
+    """Kernel taps, summed over one axis's output positions, that read an input element
+    rather than padding (or a zero of the dilated input): what XLA's cost analysis counts."""
+    extent = (size - 1) * lhs_dilation + 1
+    positions = (i * stride - padding[0] + t * rhs_dilation for i in range(out) for t in range(k))
+    return sum(0 <= p < extent and p % lhs_dilation == 0 for p in positions)
 
 
-def resnet18_convs(in_hw: tuple[int, int], in_channels: int, width: int,
-                   prefix: str = "") -> tuple[list[Conv], tuple[int, int]]:
-    """The 20 convolutions of the ResNet18 trunk (torchvision layout) and its output size."""
-    convs = [Conv(f"{prefix}conv1", in_hw, in_channels, width, 7, 2, 3, data_input=True)]
-    hw = tuple(conv_out(n, 3, 2, 1) for n in convs[0].out_hw)  # max pool 3 x 3, stride 2, pad 1
-    cin = width
-    for i, mult in enumerate((1, 2, 4, 8)):
-        cout = width * mult
-        for j in range(2):
-            stride = 2 if (i > 0 and j == 0) else 1
-            name = f"{prefix}layer{i + 1}.{j}."
-            first = Conv(name + "conv1", hw, cin, cout, 3, stride, 1)
-            convs += [first, Conv(name + "conv2", first.out_hw, cout, cout, 3, 1, 1)]
-            if stride != 1 or cin != cout:
-                convs.append(Conv(name + "downsample", hw, cin, cout, 1, stride, 0))
-            hw, cin = first.out_hw, cout
-    return convs, hw
+def equation_flops(eqn: jax.extend.core.JaxprEqn, count_padding: bool = True) -> int:
+    """2 x the multiply-adds of one convolution or dot_general (module docstring)."""
+    out = eqn.outvars[0].aval.shape
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    if eqn.primitive.name == "dot_general":
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        return 2 * math.prod(out) * math.prod(lhs[d] for d in contracting)
+    p = eqn.params
+    dims = p["dimension_numbers"]  # (batch, feature, *spatial) positions of each operand
+    # The kernel's input-feature dimension is already Cin / feature_group_count.
+    flops = 2 * out[dims.out_spec[0]] * out[dims.out_spec[1]] * rhs[dims.rhs_spec[1]]
+    spatial = zip(dims.lhs_spec[2:], dims.rhs_spec[2:], dims.out_spec[2:], strict=True)
+    for axis, (lhs_dim, rhs_dim, out_dim) in enumerate(spatial):
+        size, k, n = lhs[lhs_dim], rhs[rhs_dim], out[out_dim]
+        if count_padding:
+            flops *= n * k
+        else:
+            flops *= _valid_taps(size, n, k, p["window_strides"][axis], p["padding"][axis],
+                                 p["lhs_dilation"][axis], p["rhs_dilation"][axis])
+    return flops
 
 
-def model_convs(*, width: int, embed_dim: int, image_size: int,
-                spec_shape: tuple[int, int] = SPEC_SHAPE) -> tuple[list[Conv], tuple[int, int]]:
-    """Every convolution and dense layer of the AudioVisualModel for one sample, and the
-    (h, w) of the image map."""
-    image, img_hw = resnet18_convs((image_size, image_size), 3, width, "imgnet.")
-    audio, _ = resnet18_convs(tuple(spec_shape), 1, width, "audnet.")
-    heads = [Conv("img_proj", img_hw, 8 * width, embed_dim),
-             Conv("aud_proj", (1, 1), 8 * width, embed_dim)]
-    return image + audio + heads, img_hw
+def jaxpr_flops(closed_jaxpr: jax.extend.core.ClosedJaxpr, count_padding: bool = True) -> int:
+    """The convolutions' and dots' FLOPs of a traced function."""
+    return sum(equation_flops(e, count_padding) for e in matmul_equations(closed_jaxpr.jaxpr))
 
 
-def count_flops(*, width: int = 64, embed_dim: int = 512, image_size: int = 224,
-                spec_shape: tuple[int, int] = SPEC_SHAPE, batch_size: int = 128,
-                count_padding: bool = True) -> dict[str, float]:
-    """Model FLOPs per sample (module docstring): the towers' parts, the similarity, forward,
-    backward and the whole train step."""
-    convs, (h, w) = model_convs(width=width, embed_dim=embed_dim, image_size=image_size,
-                                spec_shape=spec_shape)
-    parts = Counter()
-    for c in convs:
-        parts[c.name.split(".")[0]] += c.flops(count_padding)
-    # alpha = einsum("ihwd,jd->ijhw"): 2 * B * B * h * w * D per step, / B per sample.
-    parts["similarity"] = 2 * batch_size * h * w * embed_dim
+def count_flops(config: ml_collections.ConfigDict, spec_shape: tuple[int, int] = SPEC_SHAPE,
+                *, count_padding: bool = True) -> dict[str, int]:
+    """Model FLOPs per sample of the configured model and loss at config.batch_size
+    (module docstring): the towers' parts, the similarity, forward, backward, train step.
+
+    Each part is the model's own method traced (never run, no weights made) on inputs of the
+    config's shapes; a tower is its encoder minus its projection.
+    """
+    batch = config.batch_size
+    model = nnx.eval_shape(lambda: factory.build_model(_bench_config(config).model))
+    model.eval()  # the same convolutions, and no BatchNorm statistics updates to trace
+    graphdef, state = nnx.split(model)
+
+    def trace(method: str, *shape: int) -> jax.extend.core.ClosedJaxpr:
+        def run(state, x):
+            return getattr(nnx.merge(graphdef, state), method)(x)
+
+        return jax.make_jaxpr(run)(state, jax.ShapeDtypeStruct(shape, np.float32))
+
+    image = trace("encode_image", batch, config.image_size, config.image_size, 3)
+    audio = trace("encode_audio", batch, *spec_shape, 1)
+    V, A = (jax.ShapeDtypeStruct(j.out_avals[0].shape, j.out_avals[0].dtype)
+            for j in (image, audio))
+    # A 1 x 1 convolution on the image tower's map; a dense layer on the audio tower's pool.
+    img_proj = trace("img_proj", *V.shape[:3], model.imgnet.out_features)
+    aud_proj = trace("aud_proj", batch, model.audnet.out_features)
+    loss = jax.make_jaxpr(train.loss_from_config(config))(V, A)
+
+    def count(closed_jaxpr) -> int:
+        return jaxpr_flops(closed_jaxpr, count_padding) // batch
+
+    parts = {"image_tower": count(image) - count(img_proj), "img_proj": count(img_proj),
+             "audio_tower": count(audio) - count(aud_proj), "aud_proj": count(aud_proj),
+             "similarity": count(loss)}
     forward = sum(parts.values())
-    no_input_grad = sum(c.flops(count_padding) for c in convs if c.data_input)
+    # Each encoder's first convolution reads the data: its input gradient is never computed.
+    no_input_grad = sum(equation_flops(next(matmul_equations(j.jaxpr)), count_padding)
+                        for j in (image, audio)) // batch
     backward = 2 * forward - no_input_grad
-    return {"image_tower": parts["imgnet"], "img_proj": parts["img_proj"],
-            "audio_tower": parts["audnet"], "aud_proj": parts["aud_proj"],
-            "similarity": parts["similarity"], "forward": forward, "backward": backward,
-            "train_step": forward + backward}
-
-
-def flops_for_config(config: ml_collections.ConfigDict,
-                     spec_shape: tuple[int, int] = SPEC_SHAPE) -> dict[str, float]:
-    return count_flops(width=config.model.width, embed_dim=config.model.embed_dim,
-                       image_size=config.image_size, spec_shape=spec_shape,
-                       batch_size=config.batch_size)
+    return {**parts, "forward": forward, "backward": backward, "train_step": forward + backward}
 
 
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
@@ -246,7 +252,7 @@ def _peak_memory(mesh: jax.sharding.Mesh) -> int | None:
 
 
 def _add_rates(result: dict[str, Any], samples_per_second: float, config) -> None:
-    flops = flops_for_config(config, result["spec_shape"])
+    flops = count_flops(config, tuple(result["spec_shape"]))
     achieved = flops["train_step"] * samples_per_second / 1e12
     result.update(flops_per_sample=flops["train_step"], flops_breakdown=flops,
                   achieved_tflops=achieved)
@@ -367,13 +373,13 @@ def _dataset_and_source(config, dataset: str | None):
 def benchmark_input(config: ml_collections.ConfigDict, dataset: str | None = None, *,
                     num_batches: int = MIN_STEPS, num_threads: int | None = None
                     ) -> dict[str, Any]:
-    """The Grain training loader alone (pipeline.benchmark_input) on `dataset` (default
+    """The Grain training loader alone (pipeline.loader_throughput) on `dataset` (default
     config.train_dataset), at the dataset's frame size and config.batch_size."""
     from sslocal.data import pipeline
 
     dataset, source, image_size = _dataset_and_source(config, dataset)
     threads = num_threads if num_threads is not None else max(1, min(4, os.cpu_count() or 1))
-    result = pipeline.benchmark_input(
+    result = pipeline.loader_throughput(
         source, global_batch_size=config.batch_size, image_size=image_size,
         num_batches=num_batches, worker_count=config.worker_count, num_threads=threads,
         seed=config.seed)
@@ -442,7 +448,7 @@ def _format(value: Any) -> str:
     return str(value)
 
 
-def format_table(result: dict[str, Any]) -> str:
+def format_result(result: dict[str, Any]) -> str:
     """Scalar results as aligned `name  value` lines (the breakdowns stay in the JSON)."""
     rows = [(k, _format(v)) for k, v in result.items() if not isinstance(v, dict | list)]
     for name in ("collectives", "convolution_dtypes"):
@@ -475,7 +481,7 @@ def main(kind: str, config: ml_collections.ConfigDict, out: str | None = None,
         result = benchmark_input(config, dataset, **options)
     else:
         result = benchmark_e2e(config, dataset, **options)
-    print(format_table(result))
+    print(format_result(result))
     if out:
         path = output_path(out, kind)
         path.parent.mkdir(parents=True, exist_ok=True)

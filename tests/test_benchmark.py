@@ -1,8 +1,9 @@
-"""Benchmarks: the FLOP counter against independent counts (XLA's cost analysis, the traced
-program's own convolutions, torchvision's published ResNet18 figure), the HLO readers on
-hand-written HLO, and the step / input / e2e benchmarks and the CLI on tiny sizes (no timing
-assertions: timings belong to benchmarks/, not to tests)."""
+"""Benchmarks: the FLOP counter against independent counts (XLA's lowering and cost analysis
+of the configured programs, brute force, torchvision's published ResNet18 figure), the HLO
+readers on hand-written HLO, and the step / input / e2e benchmarks and the CLI on tiny sizes
+(no timing assertions: timings belong to benchmarks/, not to tests)."""
 
+import functools
 import json
 import math
 import os
@@ -15,9 +16,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import synthetic
-from sslocal import benchmark, losses, train
-from sslocal.models.av_model import AudioVisualModel
+from configs import default, synthetic
+from sslocal import benchmark, train
+from sslocal.models import factory
+from sslocal.protocol import SPEC_SHAPE
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = (65, 48)
@@ -51,109 +53,128 @@ def _flops(cost):
 
 # -- the FLOP counter -------------------------------------------------------------------------
 
-def _taps_brute_force(size, k, stride, pad):
-    """Kernel taps of every output position that read a real (not padding) input pixel."""
-    out = (size + 2 * pad - k) // stride + 1
-    return sum(0 <= i * stride - pad + t < size for i in range(out) for t in range(k))
+def _taps_brute_force(size, out, k, stride, padding, lhs_dilation, rhs_dilation):
+    """Kernel taps of every output position that read a real input element (not padding, not a
+    hole of the dilated input)."""
+    real = {i * lhs_dilation for i in range(size)}
+    return sum(i * stride - padding[0] + t * rhs_dilation in real
+               for i in range(out) for t in range(k))
 
 
-@pytest.mark.parametrize("size,k,stride,pad", [(9, 7, 2, 3), (8, 3, 1, 1), (7, 3, 2, 1),
-                                               (5, 1, 2, 0), (2, 3, 1, 1), (257, 7, 2, 3)])
-def test_one_convolution_matches_xla_and_a_brute_force_count(size, k, stride, pad):
-    conv = benchmark.Conv("c", (size, size + 3), 3, 5, k, stride, pad)
+@pytest.mark.parametrize("size,k,stride,padding,lhs_dilation,rhs_dilation", [
+    (9, 7, 2, (3, 3), 1, 1), (8, 3, 1, (1, 1), 1, 1), (7, 3, 2, (1, 1), 1, 1),
+    (5, 1, 2, (0, 0), 1, 1), (2, 3, 1, (1, 1), 1, 1), (257, 7, 2, (3, 3), 1, 1),
+    (9, 3, 1, (1, 1), 2, 1), (9, 3, 2, (2, 2), 1, 2), (8, 3, 1, (2, 1), 2, 2)])
+def test_one_convolution_matches_xla_and_a_brute_force_count(size, k, stride, padding,
+                                                            lhs_dilation, rhs_dilation):
     x = jnp.ones((1, size, size + 3, 3))
     w = jnp.ones((k, k, 3, 5))
     f = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
-        x, w, (stride, stride), ((pad, pad), (pad, pad)),
+        x, w, (stride, stride), (padding, padding), (lhs_dilation,) * 2, (rhs_dilation,) * 2,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    assert jax.eval_shape(f, x, w).shape[1:3] == conv.out_hw
-    valid = 2 * 3 * 5 * _taps_brute_force(size, k, stride, pad) * _taps_brute_force(
-        size + 3, k, stride, pad)
-    assert conv.flops(count_padding=False) == valid
+    jaxpr = jax.make_jaxpr(f)(x, w)
+    _, oh, ow, _ = jax.eval_shape(f, x, w).shape
+    valid = 2 * 3 * 5 * math.prod(
+        _taps_brute_force(n, out, k, stride, padding, lhs_dilation, rhs_dilation)
+        for n, out in ((size, oh), (size + 3, ow)))
+    assert benchmark.jaxpr_flops(jaxpr, count_padding=False) == valid
     assert _flops(jax.jit(f).lower(x, w).cost_analysis()) == valid
-    oh, ow = conv.out_hw
-    assert conv.flops() == 2 * k * k * 3 * 5 * oh * ow
+    assert benchmark.jaxpr_flops(jaxpr) == 2 * k * k * 3 * 5 * oh * ow
 
 
-def _matmul_flops(jaxpr) -> int:
-    """2 x multiply-adds of every convolution and dot in a jaxpr (dense: padding counted)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        out = eqn.outvars[0].aval.shape
-        if eqn.primitive.name == "conv_general_dilated":
-            rhs = eqn.invars[1].aval.shape
-            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial) positions
-            total += 2 * math.prod(out) * rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
-        elif eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2 * math.prod(out) * math.prod(lhs[d] for d in contract)
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                total += _matmul_flops(inner)
-    return total
+CONFIGS = {"default": default.get_config, "synthetic": synthetic.get_config}
 
 
-def test_dense_count_equals_the_traced_model_at_the_papers_size():
-    """Width 64, 224 x 224 frames, 257 x 200 spectrograms: the convolutions and dots of the
-    real model's forward pass + marginNCE, read off its jaxpr (traced, not run)."""
-    batch = 4
-    model = nnx.eval_shape(lambda: AudioVisualModel(width=64, embed_dim=512, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
+@functools.cache
+def counted(name, count_padding=True, **model):
+    config = CONFIGS[name]()
+    config.model.update(model)
+    return benchmark.count_flops(config, count_padding=count_padding)
+
+
+def abstract_model(config):
+    """The configured model as training builds it (train mode), shapes only."""
+    config.model.image_pretrained = ""
+    return nnx.eval_shape(lambda: factory.build_model(config.model))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_counter_equals_xla_on_the_configured_forward(name):
+    """The counter against the forward pass + loss as training traces them, at the config's
+    shapes (lowered, never run): the same convolutions and dots as XLA's lowered program, the
+    same FLOPs as XLA's cost analysis of them, and XLA's count of the whole program
+    (elementwise work included) a little above."""
+    config = CONFIGS[name]()
+    batch, size = config.batch_size, config.image_size
+    graphdef, state = nnx.split(abstract_model(config))
+    loss_fn = train.loss_from_config(config)
 
     def forward(state, images, spec):
-        V, A = nnx.merge(graphdef, state)(images, spec)
-        return losses.marginnce(V, A)
+        return loss_fn(*nnx.merge(graphdef, state)(images, spec))
 
-    jaxpr = jax.make_jaxpr(forward)(state, jax.ShapeDtypeStruct((batch, 224, 224, 3), jnp.float32),
-                                    jax.ShapeDtypeStruct((batch, 257, 200, 1), jnp.float32))
-    counted = benchmark.count_flops(batch_size=batch)
-    assert _matmul_flops(jaxpr.jaxpr) == batch * counted["forward"]
+    traced = jax.jit(forward).trace(
+        state, jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+        jax.ShapeDtypeStruct((batch, *SPEC_SHAPE, 1), jnp.float32))
+    eqns = list(benchmark.matmul_equations(traced.jaxpr.jaxpr))
+    lowered = traced.lower()
+    ops = [op for _, op in benchmark.hlo_ops(lowered.as_text(dialect="hlo"))]
+    assert len(eqns) == ops.count("convolution") + ops.count("dot") == 43
 
+    def matmuls_only(*operands):
+        return [e.primitive.bind(*operands[2 * i:2 * i + 2], **e.params)
+                for i, e in enumerate(eqns)]
+
+    operands = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for e in eqns for v in e.invars]
+    xla_matmuls = _flops(jax.jit(matmuls_only).lower(*operands).cost_analysis())
+    counted_valid = counted(name, count_padding=False)
+    # XLA sums in float32: equal up to its rounding (a tap more or less would be > 1e-5).
+    assert xla_matmuls == pytest.approx(batch * counted_valid["forward"], rel=1e-6)
+    parts = ("image_tower", "img_proj", "audio_tower", "aud_proj", "similarity")
+    assert sum(counted_valid[p] for p in parts) == counted_valid["forward"]
+    assert 1.0 <= _flops(lowered.cost_analysis()) / xla_matmuls < 1.03
+
+
+def test_train_step_count_agrees_with_xla_on_the_gradient():
+    """Weight gradients (= forward) and input gradients (all but the data's): XLA's count of
+    the gradient program, elementwise work included, a little above."""
+    config = synthetic.get_config()
+    batch, size = config.batch_size, config.image_size
+    graphdef, params, stats = nnx.split(abstract_model(config), nnx.Param, nnx.BatchStat)
+    grad_fn = train.make_grad_fn(graphdef, train.loss_from_config(config))
+    loader_batch = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
+                    "spec": jax.ShapeDtypeStruct((batch, *SPEC_SHAPE, 1), jnp.float16)}
+    xla_train = _flops(jax.jit(grad_fn).lower(params, stats, loader_batch).cost_analysis())
+    ratio = xla_train / (batch * counted("synthetic", count_padding=False)["train_step"])
+    assert 1.0 <= ratio < 1.03
+
+
+def test_paper_model_flops():
+    paper = counted("default")
     # torchvision lists ResNet18 at 1.814 G multiply-adds (fvcore), its 512 x 1000 classifier
     # included; the trunk here has none.
-    assert counted["image_tower"] / 2 + 512 * 1000 == pytest.approx(1.814e9, rel=1e-3)
-    paper = benchmark.count_flops(batch_size=128)
+    assert paper["image_tower"] / 2 + 512 * 1000 == pytest.approx(1.814e9, rel=1e-3)
     assert 21e9 < paper["train_step"] < 23e9  # "about 22 GFLOP per sample"
     assert paper["audio_tower"] > paper["image_tower"]  # 257 x 200 > 224 x 224 positions
     first = 2 * 49 * 64 * (3 * 112 * 112 + 1 * 129 * 100)  # the two conv1, no input grad
     assert paper["train_step"] == 3 * paper["forward"] - first
+    # alpha = einsum("ihwd,jd->ijhw"): 2 * B * B * h * w * D per step, / B per sample.
+    assert paper["similarity"] == 2 * 128 * 7 * 7 * 512
 
 
-def test_counter_agrees_with_xla_cost_analysis_forward_and_train():
-    """XLA also counts BatchNorm, ReLU, pooling and the loss's elementwise work: it may exceed
-    the model FLOPs by a few percent, never fall short."""
-    width, dim, size, batch = 16, 32, 64, 8
-    model = AudioVisualModel(width=width, embed_dim=dim, rngs=nnx.Rngs(0))
-    images = jnp.ones((batch, size, size, 3))
-    spec = jnp.ones((batch, *TINY_SPEC, 1))
-    counted = benchmark.count_flops(width=width, embed_dim=dim, image_size=size,
-                                    spec_shape=TINY_SPEC, batch_size=batch, count_padding=False)
-
-    model.eval()
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-
-    def forward(params, stats, images, spec):
-        return losses.marginnce(*nnx.merge(graphdef, params, stats)(images, spec))
-
-    xla_forward = _flops(jax.jit(forward).lower(params, stats, images, spec).cost_analysis())
-    assert 1.0 <= xla_forward / (batch * counted["forward"]) < 1.03
-
-    model.train()
-    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    config = tiny_config()
-    grad_fn = train.make_grad_fn(graphdef, train.loss_from_config(config))
-    loader_batch = {"image": images.astype(jnp.uint8), "spec": spec.astype(jnp.float16)}
-    lowered = jax.jit(grad_fn).lower(params, stats, loader_batch)
-    ratio = _flops(lowered.cost_analysis()) / (batch * counted["train_step"])
-    assert 1.0 <= ratio < 1.04
-
-
-def test_spectrogram_shape_is_the_protocols():
-    from sslocal.data.spectrogram import SPEC_SHAPE
-
-    assert benchmark.SPEC_SHAPE == SPEC_SHAPE
+def test_synthetic_counts_its_stride_16_and_pooled_spectrogram():
+    """image_stride 16 keeps layer4 at 7 x 7 (stride 32: 4 x 4) on 112 px frames; audio_pool 2
+    halves the spectrogram's sides before the audio tower."""
+    demo = counted("synthetic")
+    plain = counted("synthetic", image_stride=32, audio_pool=1)
+    w = 16  # layer4: 4w -> 8w, three more 8w -> 8w 3 x 3 convolutions, the 1 x 1 downsample
+    layer4_per_position = 2 * (9 * 4 * w * 8 * w + 3 * 9 * 8 * w * 8 * w + 4 * w * 8 * w)
+    assert demo["image_tower"] - plain["image_tower"] == layer4_per_position * (7 * 7 - 4 * 4)
+    assert demo["img_proj"] == plain["img_proj"] * 49 // 16
+    assert demo["similarity"] == plain["similarity"] * 49 // 16
+    # ~4x: 129 x 100 instead of 257 x 200, less in the deeper layers (sizes round up).
+    assert 3.5 < plain["audio_tower"] / demo["audio_tower"] < 4.0
+    assert demo["aud_proj"] == plain["aud_proj"]
+    assert demo["train_step"] < plain["train_step"]
 
 
 def test_peak_table():
@@ -216,6 +237,14 @@ def test_bad_requests_fail_clearly():
         benchmark.benchmark_step(tiny_config(), num_devices=3)
 
 
+def test_result_table_lists_scalars_and_the_collectives():
+    text = benchmark.format_result({
+        "kind": "step", "samples_per_second": 1234.5678, "flops_breakdown": {"forward": 1},
+        "all_gather_shapes": ["f32[8]"], "collectives": {"all-reduce": 3, "all-gather": 1}})
+    assert text.splitlines() == ["kind                step", "samples_per_second  1235",
+                                 "collectives         all-reduce 3, all-gather 1"]
+
+
 def test_step_benchmark_on_8_devices(fast_compile, tmp_path):
     assert jax.device_count() >= 8
     config = tiny_config()
@@ -232,9 +261,9 @@ def test_step_benchmark_on_8_devices(fast_compile, tmp_path):
     assert result["finite"] and result["num_devices"] == 8 and result["batch_size"] == 8
     assert result["donated_bytes"] == result["state_bytes"] > 0  # updated in place
     assert "peak_fraction" not in result  # CPU: no known peak
-    expected = benchmark.count_flops(width=8, embed_dim=16, image_size=64,
-                                     spec_shape=TINY_SPEC, batch_size=8)["train_step"]
-    assert result["flops_per_sample"] == expected
+    expected = benchmark.count_flops(config, TINY_SPEC)
+    assert result["flops_per_sample"] == expected["train_step"]
+    assert result["flops_breakdown"] == expected
     # 41 convolutions forward, 41 weight and 39 input gradients (none for the data).
     assert result["convolution_dtypes_lowered"] == {"f32": 121}
     # Batch-sharded step: the only gather is the audio embeddings A (B x D, for the global
