@@ -23,4 +23,5 @@ def get_config():
     config.eval_batch_size = 8
     config.eval.report = False
     config.eval.baselines = False
+    config.lr_schedule = "constant"  # the paper's optimizer: tests build it without a run length
     return config

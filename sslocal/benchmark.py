@@ -367,14 +367,16 @@ def _dataset_and_source(config, dataset: str | None):
     dataset = dataset or config.train_dataset
     source = prepare.load_split(dataset, "train", os.path.expanduser(config.data_dir),
                                 root=config.data_root or None)
-    return dataset, source, prepare.image_size(dataset)
+    train.check_frame_size(source, dataset, config.image_size)  # what `train` would run
+    return dataset, source, config.image_size
 
 
 def benchmark_input(config: ml_collections.ConfigDict, dataset: str | None = None, *,
                     num_batches: int = MIN_STEPS, num_threads: int | None = None
                     ) -> dict[str, Any]:
     """The Grain training loader alone (pipeline.loader_throughput) on `dataset` (default
-    config.train_dataset), at the dataset's frame size and config.batch_size."""
+    config.train_dataset), at config.image_size (the size the dataset is prepared for) and
+    config.batch_size."""
     from sslocal.data import pipeline
 
     dataset, source, image_size = _dataset_and_source(config, dataset)
@@ -397,7 +399,6 @@ def benchmark_e2e(config: ml_collections.ConfigDict, dataset: str | None = None,
 
     config = _bench_config(config)
     dataset, source, image_size = _dataset_and_source(config, dataset)
-    config.image_size = image_size  # the step sees the loader's crops
     traces = []
     mesh, state, step = _setup_step(config, num_devices, lambda: traces.append(1))
     threads = num_threads if num_threads is not None else max(1, min(4, os.cpu_count() or 1))

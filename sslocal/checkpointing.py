@@ -89,6 +89,16 @@ def repair_tensorstore_json_leak() -> None:
             ts.experimental_collect_matching_metrics)
 
 
+def latest_saved_step(workdir: str | Path) -> int | None:
+    """The newest step under workdir/checkpoints/ (None when there is none), read from the
+    folder names without opening anything: Orbax renames a step's folder to its number only
+    once the step is complete."""
+    folder = Path(workdir) / LATEST_DIR
+    steps = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if folder.is_dir() else []
+    return max(steps, default=None)
+
+
 class Checkpointer:
     """The latest (with data-iterator state) and best checkpoints of one training workdir."""
 

@@ -15,8 +15,32 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-COMMANDS = ("train", "evaluate", "prepare", "localize", "convert", "benchmark", "study")
-USAGE = f"usage: sslocal {{{'|'.join(COMMANDS)}}} [flags]   (sslocal COMMAND --help for flags)"
+# Each command: its usage line, what it does, and the flags it reads (its --help lists them).
+COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "train": ("sslocal train --config FILE --workdir DIR [--config.FIELD=VALUE ...]",
+              "train and evaluate per the config; resumes from DIR when it holds the run",
+              ("config", "workdir", "coordinator_address", "num_processes", "process_id")),
+    "evaluate": ("sslocal evaluate --config FILE --checkpoint PATH [--checkpoint PATH ...]",
+                 "score workdirs, model directories or PyTorch files on the config's test sets",
+                 ("config", "checkpoint", "dataset", "ogl", "report", "baselines", "out")),
+    "prepare": ("sslocal prepare --dataset NAME/CONFIG --root DIR [--data_dir DIR]",
+                "build a dataset's ArrayRecord files once, with a manifest of what was missing",
+                ("dataset", "root", "data_dir", "overwrite", "config")),
+    "localize": ("sslocal localize --checkpoint PATH (--video FILE | --image FILE --audio FILE) "
+                 "--out DIR", "heatmaps of where the sound comes from, on your own clips",
+                 ("checkpoint", "video", "image", "audio", "every", "ogl", "out", "config")),
+    "convert": ("sslocal convert IN.pth OUT_DIR",
+                "a PyTorch checkpoint (EZ-VSL format) -> an sslocal model directory", ()),
+    "benchmark": ("sslocal benchmark {step|input|e2e} --config FILE [--dataset NAME] [--out P]",
+                  "throughput of the train step, the input pipeline, or both",
+                  ("config", "dataset", "out")),
+    "study": ("sslocal study {margin|seeds} --config FILE --workdir DIR [--margins=...] "
+              "[--seeds=N]", "seeds: one config over N seeds (mean, std, min); margin: the "
+              "margin study (Table 6) on synthetic data with noisy correspondence",
+              ("config", "workdir", "margins", "seeds")),
+}
+USAGE = (f"usage: sslocal {{{'|'.join(COMMANDS)}}} [flags]   (sslocal COMMAND --help for its "
+         "flags)")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
                                           lock_config=True)
@@ -34,12 +58,13 @@ flags.DEFINE_string("out", None, "evaluate/localize/benchmark: output directory"
 flags.DEFINE_string("dataset", None, "prepare/evaluate/benchmark input: TFDS name/config")
 flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
 flags.DEFINE_string("data_dir", None, "prepare: where TFDS datasets live (default: config's)")
+flags.DEFINE_bool("overwrite", False, "prepare: rebuild a dataset that is already prepared")
 flags.DEFINE_string("video", None, "localize: a video file")
 flags.DEFINE_string("image", None, "localize: an image file (with --audio)")
 flags.DEFINE_string("audio", None, "localize: an audio file (with --image)")
 flags.DEFINE_float("every", 1.0, "localize: seconds between the steps of a video")
 flags.DEFINE_list("margins", ["0.2", "0", "-0.1", "-0.2", "-0.3", "-0.4"], "study margin: margins")
-flags.DEFINE_integer("seeds", 3, "study margin: seeds per margin")
+flags.DEFINE_integer("seeds", 3, "study: seeds (per margin)")
 FLAGS = flags.FLAGS
 # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended. A preempted run saves
 # and exits with it, so that schedulers (SLURM --requeue, job retries) see an unfinished job.
@@ -83,7 +108,8 @@ def _dispatch(command: str, args: list[str]) -> None:
         from sslocal.data import prepare
 
         data_dir = FLAGS.data_dir or (_CONFIG.value.data_dir if _CONFIG.value else None)
-        prepare.prepare(_require("dataset"), root=FLAGS.root, data_dir=data_dir)
+        prepare.prepare(_require("dataset"), root=FLAGS.root, data_dir=data_dir,
+                        overwrite=FLAGS.overwrite)
     elif command == "localize":
         from sslocal import localize
 
@@ -106,10 +132,14 @@ def _dispatch(command: str, args: list[str]) -> None:
     elif command == "study":
         from sslocal import study
 
-        if args != ["margin"]:
-            raise UserError("usage: sslocal study margin --config ... --margins=... --seeds=N")
-        study.margin_study(_config(), [float(m) for m in FLAGS.margins], FLAGS.seeds,
-                           _require("workdir"))
+        if args == ["margin"]:
+            study.margin_study(_config(), [float(m) for m in FLAGS.margins], FLAGS.seeds,
+                               _require("workdir"))
+        elif args == ["seeds"]:
+            study.seed_study(_config(), FLAGS.seeds, _require("workdir"))
+        else:
+            raise UserError("usage: sslocal study {margin|seeds} --config ... --seeds=N "
+                            "--workdir DIR")
 
 
 def _add_config_dir_to_path(argv: list[str]) -> None:
@@ -124,13 +154,35 @@ def _add_config_dir_to_path(argv: list[str]) -> None:
             sys.path.insert(0, str(Path(path.split(":")[0]).absolute().parent.parent))
 
 
+def command_help(command: str) -> str:
+    """`sslocal COMMAND --help`: the usage, what it does, its flags (and, for prepare and
+    evaluate, the dataset names)."""
+    usage, what, names = COMMANDS[command]
+    lines = [f"usage: {usage}", "", what, ""]
+    for name in names:
+        flag = FLAGS[name]
+        default = "" if flag.default in (None, [], "", False) else f" (default: {flag.default})"
+        lines.append(f"  --{name:<20} {flag.help}{default}")
+    if "config" in names:
+        lines.append(f"  {'--config.FIELD=VALUE':<22} override any field of the config file "
+                     "(a mistyped field fails)")
+    if command in ("prepare", "evaluate", "benchmark"):
+        from sslocal.data import builders
+
+        lines += ["", "datasets (--dataset): " + ", ".join(sorted(builders.DATASETS))]
+    return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console entry point."""
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] not in COMMANDS:
         print(USAGE, file=sys.stderr)
-        sys.exit(2)
+        sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
     command = argv.pop(1)
+    if any(arg in ("-h", "--help", "--helpshort", "-help") for arg in argv[1:]):
+        print(command_help(command))
+        sys.exit(0)
     _add_config_dir_to_path(argv)
 
     def main(args: list[str]) -> None:
@@ -139,7 +191,7 @@ def run(argv: list[str] | None = None) -> None:
         try:
             _dispatch(command, args[1:])
         except (UserError, ValueError, FileNotFoundError, IsADirectoryError,
-                FloatingPointError) as error:
+                FloatingPointError, ImportError) as error:
             if os.environ.get("SSLOCAL_DEBUG"):
                 raise
             print(f"sslocal {command}: error: {error}", file=sys.stderr)

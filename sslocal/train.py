@@ -26,6 +26,7 @@ from sslocal.data import pipeline
 from sslocal.data import prepare as data_prepare
 from sslocal.evaluator import Evaluator
 from sslocal.models import factory, load
+from sslocal.protocol import TRAIN_SCALE
 from sslocal.writers import MetricWriter, progress
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,33 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """PyTorch's Adam(weight_decay=wd): L2 added to the gradient before Adam (not AdamW)."""
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: ml_collections.ConfigDict, total_steps: int | None = None
+                  ) -> float | optax.Schedule:
+    """config.learning_rate under config.lr_schedule: "constant" (the paper: the number itself,
+    so the optimizer is exactly the paper's), or "cosine": a linear warm-up from 0 over
+    config.warmup_steps, then a cosine decay to 0 at total_steps (the run's last step)."""
+    schedule = config.lr_schedule
+    if schedule == "constant":
+        return config.learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
+    if total_steps is None or total_steps <= config.warmup_steps:
+        raise ValueError(f"a cosine schedule needs more steps ({total_steps}) than its "
+                         f"warm-up (warmup_steps={config.warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=total_steps, end_value=0.0)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int | None = None
+                   ) -> optax.GradientTransformation:
+    """PyTorch's Adam(weight_decay=wd): L2 added to the gradient before Adam (not AdamW), at
+    the configured learning-rate schedule (`learning_rate`)."""
     return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.adam(config.learning_rate))
+                       optax.adam(learning_rate(config, total_steps)))
 
 
 def loss_from_config(config: ml_collections.ConfigDict) -> Callable[..., jax.Array]:
@@ -102,7 +126,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         loss, grads, batch_stats = grad_fn(state.params, state.batch_stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                                opt_state=opt_state)
@@ -125,6 +149,12 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_batch_size(config.eval_batch_size, mesh)
     losses.get_loss(config.loss)
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not "
+                         f"{config.lr_schedule!r}")
+    if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be a non-negative integer, not "
+                         f"{config.warmup_steps!r}")
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, not {config.model.dtype!r}")
     factory.check_weights_files(config.model)
@@ -132,6 +162,59 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if config.eval.ogl and (ogl_weights is None or not ogl_weights.is_file()):
         raise FileNotFoundError(f"eval.ogl_weights: no file {ogl_weights}; "
                                 f"{factory.TORCHVISION_HINT}")
+
+
+def check_frame_size(source: Any, dataset: str, image_size: int) -> None:
+    """Training crops image_size px squares of the stored frames: they must be stored for that
+    size (a smaller size would silently train on small crops of the frame)."""
+    stored = source.dataset_info.metadata.get("image_size")
+    if stored is not None and int(stored) != image_size:
+        raise ValueError(
+            f"{dataset} is prepared for {stored} px frames (stored with the shorter side "
+            f"int({TRAIN_SCALE} x {stored})), but image_size is {image_size}: training would "
+            f"take {image_size} px crops of them while evaluation squashes whole frames. Set "
+            f"image_size={stored}, or prepare the dataset for {image_size} px")
+
+
+# What a checkpoint of a run is: its arrays' shapes and meaning, its data and their order. A
+# resume whose config changes one of these is refused; other changes are recorded.
+RUN_IDENTITY = ("model.width", "model.embed_dim", "model.audio_pool", "model.image_stride",
+                "image_size", "train_dataset", "batch_size", "seed", "loss")
+CONFIG_CHANGES = "config_changes.jsonl"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_changes(workdir: str | Path, config: ml_collections.ConfigDict) -> dict | None:
+    """None when `workdir` holds no run yet; otherwise {"step": the checkpoint to resume,
+    "changed": {field: [the run's value, this config's]}}. Raises ValueError, before anything
+    is written, when a changed field is one of RUN_IDENTITY (the checkpoints would not fit, or
+    would mean another run)."""
+    workdir = Path(workdir)
+    step = checkpointing.latest_saved_step(workdir)
+    record = workdir / checkpointing.CONFIG_JSON
+    if step is None or not record.is_file():
+        return None
+    run = _flat(json.loads(record.read_text()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    changed = {k: [run.get(k), new.get(k)] for k in sorted(run.keys() | new.keys())
+               if run.get(k) != new.get(k)}
+    refused = [k for k in changed if k in RUN_IDENTITY]
+    if refused:
+        detail = ", ".join(f"{k} is {changed[k][0]!r} there, {changed[k][1]!r} here"
+                           for k in refused)
+        raise ValueError(f"{workdir} holds a run (checkpoint at step {step}) that this config "
+                         f"does not fit: {detail}. Resume with the run's values (its "
+                         f"{checkpointing.CONFIG_JSON}), or give a new --workdir")
+    return {"step": step, "changed": changed}
 
 
 class _Preempted(Exception):
@@ -194,11 +277,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         seed=config.seed, worker_count=config.worker_count)
     test_sets = {name: data_prepare.load_split(name, "test", data_dir)
                  for name in config.test_datasets}
+    check_frame_size(train_source, config.train_dataset, config.image_size)
+    changes = resume_changes(workdir, config)  # refuses a resume that does not fit the run
     if is_main:  # only once the data is there: a bad config leaves no workdir behind
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / checkpointing.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))
+        if changes is None:  # a new run: its record
+            (workdir / checkpointing.CONFIG_JSON).write_text(
+                config.to_json_best_effort(indent=2))
+        elif changes["changed"]:  # config.json stays the run's; what changed, from when
+            logger.warning("resuming %s at step %d with changed settings: %s", workdir,
+                           changes["step"], ", ".join(
+                               f"{k} {old!r} -> {new!r}"
+                               for k, (old, new) in changes["changed"].items()))
+            with open(workdir / CONFIG_CHANGES, "a", encoding="utf-8") as f:
+                f.write(json.dumps(changes) + "\n")
 
-    tx = make_optimizer(config)
+    tx = make_optimizer(config, total_steps)
     graphdef, state = create_train_state(config, mesh, tx)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
     restored = checkpointer.restore(state, train_iter)
@@ -248,10 +342,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             preempted = preemption(step)
             if step % config.log_every_steps == 0 or save or preempted:
                 flush_metrics(step)  # never checkpoint a step whose loss was not checked
-            if preempted:
-                raise _Preempted
-            if save:
+            if save or preempted:
+                if preempted:
+                    logger.warning("SIGTERM: saving a checkpoint at step %d before exiting",
+                                   step)
                 checkpointer.save(step, state, train_iter, force=True)
+            # A preempted epoch end is still evaluated (after its checkpoint is safe), so
+            # that the epoch competes for the best checkpoint.
             epoch = -(-step // steps_per_epoch)
             if test_sets and end_of_epoch and (epoch % config.eval_every_epochs == 0
                                                or step == total_steps):
@@ -262,13 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 primary = results[config.test_datasets[0]]
                 checkpointer.save_best(step, state, {"cIoU": primary["cIoU"]})
                 host_memory.release_free_memory()
+            if preempted:
+                raise _Preempted
         if test_sets and not results:  # resumed after its last step: evaluate it once
             results = evaluate_state(evaluator, graphdef, state, config, test_sets)
     except _Preempted:
-        step = int(state.step)
-        logger.warning("SIGTERM: saving a checkpoint at step %d before exiting", step)
-        checkpointer.save(step, state, train_iter, force=True)
-        results = {"preempted_at_step": step}
+        results = {"preempted_at_step": int(state.step)}
     finally:
         bar.close()
         checkpointer.wait()

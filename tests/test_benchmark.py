@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import default, synthetic
+from configs import default, synthetic, tiny
 from sslocal import benchmark, train
 from sslocal.models import factory
 from sslocal.protocol import SPEC_SHAPE
@@ -38,10 +38,7 @@ def fast_compile():
 
 
 def tiny_config(**model):
-    config = synthetic.get_config()
-    config.model.width = 8
-    config.model.embed_dim = 16
-    config.image_size = 64
+    config = tiny.get_config()
     config.batch_size = 16
     config.model.update(model)
     return config
@@ -311,6 +308,9 @@ def test_input_benchmark(tiny_dataset, tmp_path):
     assert json.loads((tmp_path / "input.json").read_text())["samples"] == 20 * 8
     assert result["image_size"] == 64 and result["num_examples"] == 32
     assert result["samples_per_second"] > 0 and result["samples_per_cpu_second"] > 0
+    config.image_size = 32  # what `train` would refuse: 32 px crops of 64 px frames
+    with pytest.raises(ValueError, match="prepared for 64 px frames"):
+        benchmark.main("input", config, dataset="synthetic_av/tiny", num_threads=1)
 
 
 @pytest.mark.slow

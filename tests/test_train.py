@@ -128,3 +128,40 @@ def test_optimizer_is_coupled_l2_adam():
     coupled, _ = tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.asarray(p)}),
                            {"w": jnp.asarray(p)})
     assert not np.allclose(w_updates["w"], coupled["w"], rtol=1e-9, atol=0)
+
+
+def test_constant_schedule_is_the_papers_optimizer():
+    """lr_schedule "constant" (default.py) builds exactly the paper's Adam(weight_decay)."""
+    from configs import default
+
+    config = default.get_config()
+    assert config.lr_schedule == "constant" and train.learning_rate(config) == 1e-4
+    params = {"w": jnp.linspace(-1.0, 1.0, 7)}
+    paper = optax.chain(optax.add_decayed_weights(1e-4), optax.adam(1e-4))
+    ours = train.make_optimizer(config)
+    a, b = paper.init(params), ours.init(params)
+    for k in range(5):
+        grads = {"w": jnp.sin(params["w"] * (k + 1))}
+        ua, a = paper.update(grads, a, params)
+        ub, b = ours.update(grads, b, params)
+        np.testing.assert_array_equal(ua["w"], ub["w"])
+
+
+def test_demo_schedule_decays_to_zero():
+    from configs import synthetic
+
+    config = synthetic.get_config()
+    total = config.num_epochs * (4096 // config.batch_size)
+    schedule = train.learning_rate(config, total)
+    rates = np.array([float(schedule(s)) for s in range(total + 1)])
+    assert rates[0] == pytest.approx(config.learning_rate)
+    assert np.all(np.diff(rates) <= 0) and rates[-1] == pytest.approx(0.0, abs=1e-12)
+    assert rates[total // 2] == pytest.approx(config.learning_rate / 2, rel=1e-3)
+    config.warmup_steps = 10
+    warm = train.learning_rate(config, total)
+    assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(config.learning_rate / 2)
+    with pytest.raises(ValueError, match="more steps"):
+        train.learning_rate(config, 10)
+    config.lr_schedule = "step"
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        train.validate_config(config, sharding.make_mesh(1))

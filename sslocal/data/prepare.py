@@ -8,8 +8,11 @@ found, missing (which file), unreadable (the error) and written, per split.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -21,19 +24,59 @@ def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = Non
             data_dir: str | os.PathLike | None = None, *, ids: Iterable[str] | None = None,
             num_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Builds `dataset` ("name/config", see builders.DATASETS) from the files under `root`
-    into `data_dir` (TFDS's default when None) and returns the manifest. A dataset already
-    prepared there is kept (its manifest is returned) unless `overwrite`."""
+    into `data_dir` (TFDS's default when None) and returns the manifest.
+
+    What can be checked comes first, before TFDS starts: the dataset name, that `root` exists.
+    A dataset already prepared there is reused, and says so (with the root and the date it was
+    built from), unless `overwrite`; reusing it for another `root` than it was built from is
+    refused (pass `overwrite` to rebuild)."""
+    builders.parse_dataset(dataset)  # an unknown name fails before anything else
+    if root is not None and not os.path.isdir(root):
+        raise FileNotFoundError(f"{dataset}: data root not found: {root}")
     builder = builders.get_builder(dataset, data_dir=data_dir, root=root, ids=ids,
                                    num_workers=num_workers)
-    if root is None and builder.NEEDS_ROOT and not builder.is_prepared():
-        raise ValueError(f"{dataset}: pass root=ROOT, the folder holding frames/ and audio/ "
+    prepared = builder.is_prepared()
+    if root is None and builder.NEEDS_ROOT and (overwrite or not prepared):
+        raise ValueError(f"{dataset}: pass --root ROOT, the folder holding frames/ and audio/ "
                          "(or video/)")
-    mode = (tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS if not overwrite
-            else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-    manifest = builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(download_mode=mode))
+    if prepared and not overwrite:
+        manifest = builder.manifest()
+        built_from = manifest.get("root")
+        if (root is not None and built_from is not None
+                and os.path.realpath(root) != os.path.realpath(built_from)):
+            raise ValueError(f"{dataset} is already prepared in {builder.data_path} from "
+                             f"{built_from}, not {root}: pass --overwrite to rebuild it from "
+                             f"{root}, or another --data_dir")
+        print(f"{dataset}: reusing the dataset prepared {manifest.get('created', '')} from "
+              f"{built_from or 'its generator'} in {builder.data_path} (--overwrite rebuilds it)")
+        _print_summary(dataset, builder, manifest)
+        return manifest
+    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    with _sigterm_stops_the_build():
+        manifest = builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(download_mode=mode))
     _print_summary(dataset, builder, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_build() -> Iterator[None]:
+    """SIGTERM (a scheduler, `kill`) ends a build as an exception would: the decode workers are
+    shut down and TFDS removes its incomplete folder, instead of the process dying at once and
+    leaving both behind."""
+    if threading.current_thread() is not threading.main_thread():  # handlers need the main one
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(dataset: str, builder: builders.AVBuilder, manifest: dict) -> None:
@@ -41,6 +84,11 @@ def _print_summary(dataset: str, builder: builders.AVBuilder, manifest: dict) ->
         print(f"{dataset} {split}: {entry['written']} written of {entry['requested']} requested "
               f"({len(entry['missing'])} missing, {len(entry['unreadable'])} unreadable, "
               f"{len(entry['warnings'])} warnings) -> {builder.data_path}")
+    overlap = {k: v for k, v in manifest.get("train_clips_in_test_lists", {}).items() if v}
+    if overlap:
+        print(f"{dataset} train: the list holds clips of shipped test lists ("
+              + ", ".join(f"{n} of {k}" for k, n in overlap.items())
+              + "), as published; the *_minus_test configs leave them out")
 
 
 def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = None, *,

@@ -125,7 +125,10 @@ def process_clip(job: dict[str, Any]) -> dict[str, Any]:
     frame_path, audio_path, video_path = job["frame"], job["audio"], job.get("video")
     need_video = not os.path.isfile(frame_path) or not os.path.isfile(audio_path)
     if need_video and not (video_path and os.path.isfile(video_path)):
-        absent = [_rel(p, root) for p in (frame_path, audio_path) if not os.path.isfile(p)]
+        # Name the files of the layout the root has (frames/ + audio/, or video/).
+        layout = [p for p in (frame_path, audio_path, video_path)
+                  if p and os.path.isdir(os.path.dirname(p))] or [frame_path, audio_path]
+        absent = [_rel(p, root) for p in layout if not os.path.isfile(p)]
         return {"status": "missing", "id": clip_id, "files": absent}
     xml_path = job.get("xml")
     if xml_path and not os.path.isfile(xml_path):

@@ -45,12 +45,25 @@ class AVConfig(tfds.core.BuilderConfig):
       clip on disk. test: the config holds a test split, whose frames are stored for
       evaluation (S x S PNG, and the center-crop variant).
     image_size: S. plus_silent: a `*_plus_silent` list whose non-sounding pairs are added.
+    exclude_test_clips: the training split leaves out every clip of a shipped test list
+      (TEST_LISTS). The published training lists hold test clips (vggss_144k: 3,709 VGG-SS
+      test clips); the papers train on them as they are, so the plain configs keep them.
     """
 
     split_list: str | None = None
     test: bool = False
     image_size: int = 224
     plus_silent: str | None = None
+    exclude_test_clips: bool = False
+
+
+# The shipped test lists a training split is checked against (`sslocal prepare` reports the
+# overlap; configs with exclude_test_clips leave it out).
+TEST_LISTS = ("vggss_test", "vggss_heard_test", "vggss_unheard_test", "flickr_test")
+
+
+def test_list_ids() -> dict[str, set[str]]:
+    return {name: set(annotations.read_split(name)) for name in TEST_LISTS}
 
 
 def features(test: bool) -> tfds.features.FeaturesDict:
@@ -114,23 +127,31 @@ def parallel_map(fn: Callable[[Any], Any], items: Iterable[Any], num_workers: in
     # spawn, not fork: the parent may hold JAX or grain threads.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        items = iter(items)
-        first = itertools.islice(items, 4 * num_workers)
-        pending = collections.deque(pool.submit(fn, x) for x in first)
-        while pending:
-            result = pending.popleft().result()
-            for x in itertools.islice(items, 1):
-                pending.append(pool.submit(fn, x))
-            yield result
+        try:
+            items = iter(items)
+            first = itertools.islice(items, 4 * num_workers)
+            pending = collections.deque(pool.submit(fn, x) for x in first)
+            while pending:
+                result = pending.popleft().result()
+                for x in itertools.islice(items, 1):
+                    pending.append(pool.submit(fn, x))
+                yield result
+        except BaseException:  # stopped (SIGTERM, Ctrl-C, an error): no queued clip starts
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # -- job lists shared by the builders ----------------------------------------------------
 
-def train_jobs(root: str, split_list: str | None, ids: list[str] | None,
-               image_size: int) -> list[dict[str, Any]]:
-    """Jobs of a training split: `ids`, else the shipped list, else every clip under root."""
+def train_jobs(root: str, split_list: str | None, ids: list[str] | None, image_size: int,
+               exclude_test_clips: bool = False) -> list[dict[str, Any]]:
+    """Jobs of a training split: `ids`, else the shipped list, else every clip under root;
+    without the clips of every shipped test list when `exclude_test_clips`."""
     if ids is None:
         ids = annotations.read_split(split_list) if split_list else _clips.ids_on_disk(root)
+    if exclude_test_clips:
+        test_ids = set().union(*test_list_ids().values())
+        ids = [i for i in ids if i not in test_ids]
     return [_clips.make_job(i, root, image_size=image_size, test=False, sounding=True)
             for i in ids]
 
@@ -227,6 +248,11 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "splits": {},
         }
+        if "train" in jobs and not self.builder_config.test:
+            requested = {job["id"] for job in jobs["train"]}
+            self._manifest["train_clips_in_test_lists"] = {
+                name: len(requested & ids) for name, ids in test_list_ids().items()}
+            self._manifest["exclude_test_clips"] = self.builder_config.exclude_test_clips
         return {split: self._generate_examples(split, split_jobs)
                 for split, split_jobs in jobs.items()}
 
@@ -283,6 +309,12 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         path = folder / ("manifest.failed.json" if failed else MANIFEST)
         path.write_text(json.dumps(self._manifest, indent=2) + "\n", encoding="utf-8")
         return path
+
+    def is_prepared(self) -> bool:
+        """TFDS's check, without its warning for a version folder that holds no
+        dataset_info.json (a build that failed or was interrupted): that is "not prepared"."""
+        info = Path(os.fspath(self.data_path)) / "dataset_info.json"
+        return info.is_file() and super().is_prepared()
 
     def download_and_prepare(self, **kwargs: Any) -> dict[str, Any]:
         """TFDS's download_and_prepare, then the manifest: written when this call generated

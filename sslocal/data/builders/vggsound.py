@@ -12,6 +12,10 @@ class Vggsound(AVBuilder):
     BUILDER_CONFIGS = [
         AVConfig(name="10k", split_list="vggss_10k", description="VGGSound 10k subset"),
         AVConfig(name="144k", split_list="vggss_144k", description="VGGSound 144k subset"),
+        AVConfig(name="10k_minus_test", split_list="vggss_10k", exclude_test_clips=True,
+                 description="VGGSound 10k subset without the shipped test lists' clips"),
+        AVConfig(name="144k_minus_test", split_list="vggss_144k", exclude_test_clips=True,
+                 description="VGGSound 144k subset without the shipped test lists' clips"),
         AVConfig(name="full", split_list=None, description="every VGGSound clip on disk"),
         AVConfig(name="heard110", split_list="vggss_heard",
                  description="clips of the 110 heard classes (open-set experiment)"),
@@ -19,4 +23,5 @@ class Vggsound(AVBuilder):
 
     def _jobs(self, root):
         config = self.builder_config
-        return {"train": train_jobs(root, config.split_list, self._ids, config.image_size)}
+        return {"train": train_jobs(root, config.split_list, self._ids, config.image_size,
+                                    config.exclude_test_clips)}
