@@ -38,6 +38,7 @@ from sslocal.data import pipeline, spectrogram
 from sslocal.data import video as video_io
 from sslocal.evaluator import Evaluator
 from sslocal.models import load
+from sslocal.writers import progress
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def localize_video(localizer: Localizer, steps: Iterator[tuple[float, np.ndarray
     first: dict[str, np.ndarray] = {}
     writers: dict[str, OverlayVideoWriter] = {}
     try:
-        for batch in _batches(steps, BATCH):
+        for batch in _batches(progress(iterable=steps, desc="localize", unit="step"), BATCH):
             times, frames, clips = zip(*batch, strict=True)
             result = localizer.maps(list(frames), list(clips))
             for i, (t, frame) in enumerate(zip(times, frames, strict=True)):

@@ -118,3 +118,40 @@ def test_errors(tmp_path, tone):
         read_video_clip(junk)
     with pytest.raises(ValueError, match="outside"):
         read_video_clip(_write(tmp_path / "a.mp4", tone), at_seconds=9.0)
+
+
+def _write_m4a(path, wave):
+    """Audio alone, AAC in an MP4 container (what soundfile cannot read)."""
+    with av.open(str(path), "w", format="mp4") as c:
+        a = c.add_stream("aac", rate=SR)
+        a.layout = "stereo"
+        for k in range(0, wave.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(wave[:, k : k + 1024], np.float32), format="fltp",
+                layout="stereo")
+            frame.sample_rate, frame.pts = SR, k
+            c.mux(a.encode(frame))
+        c.mux(a.encode())
+    return path
+
+
+def test_m4a_audio_loads_through_ffmpeg(tmp_path, tone):
+    """load_clip_audio: soundfile cannot read AAC; PyAV decodes it, so an .m4a is a clip."""
+    from sslocal.data import spectrogram
+
+    clip = spectrogram.load_clip_audio(_write_m4a(tmp_path / "tone.m4a", tone))
+    want = _window(_reference_mono16k(tone), 2.5)
+    assert clip.shape == (48000,)
+    assert np.corrcoef(clip, want)[0, 1] > 0.99  # lossy AAC, the same tone
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk-not-audio")
+    with pytest.raises(ValueError, match="garbage.wav: .*; FFmpeg: "):  # both reasons said
+        spectrogram.load_clip_audio(garbage)
+
+
+def test_audio_that_ends_early_is_reported(tmp_path, tone, caplog):
+    path = _write(tmp_path / "short_audio.mov", tone[:, : SR], acodec="pcm_s16le")  # 1 of 5 s
+    with caplog.at_level("WARNING"):
+        steps = list(iter_video_steps(path, every=1.0))
+    assert len(steps) == 5
+    assert "the audio ends at 1.00 s, before 3 of the 5 steps (from t = 2.00 s)" in caplog.text

@@ -87,7 +87,15 @@ def load_clip_audio(path: str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("ignore", DeprecationWarning)
             wave, sr = librosa.load(path, sr=None, mono=False)
     except Exception as e:  # soundfile / audioread raise many types for a bad file
-        raise ValueError(f"cannot read audio file {path}: {type(e).__name__} {e}") from e
+        # PyAV (FFmpeg) decodes what soundfile cannot and audioread may lack a backend for
+        # (m4a, ...); only when both fail is the file unreadable, with both reasons.
+        from sslocal.data import video
+
+        try:
+            wave, sr = video.read_audio(path)
+        except ValueError as av_error:
+            raise ValueError(f"cannot read audio file {path}: {type(e).__name__} {e}; "
+                             f"FFmpeg: {av_error}") from e
     return clip_from_waveform(wave, sr, name=str(path))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 from sslocal.data.spectrogram import clip_from_waveform, to_mono_16k
 from sslocal.protocol import SAMPLE_RATE
 
+logger = logging.getLogger(__name__)
 _EPS = 1e-6  # seconds: a frame whose start time is within this of t is "at" t
 
 
@@ -53,6 +55,21 @@ def _decode_audio(container, path: Path) -> tuple[np.ndarray, int, float]:
         # Codecs such as AAC pad the last frame; the stream's duration says where audio ends.
         wave = wave[:, : max(int(round(stream.duration * stream.time_base * stream.rate)), 1)]
     return wave, stream.rate, start or 0.0
+
+
+def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """The first audio stream of any file FFmpeg decodes (m4a, mp3, a video, ...) ->
+    ((channels, n) float32, sample rate)."""
+    path = Path(path)
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot open {path}: {e}") from e
+    with container:
+        if not container.streams.audio:
+            raise ValueError(f"{path}: no audio stream")
+        wave, sr, _ = _decode_audio(container, path)
+    return wave, sr
 
 
 def _video_duration(container) -> float | None:
@@ -128,6 +145,12 @@ def iter_video_steps(
         duration = _video_duration(container) or 0.0
         times = [k * every for k in range(int(np.floor(duration / every + _EPS)) + 1)]
         times = [t for t in times if t < duration] or [0.0]
+        audio_end = audio_start + mono.shape[0] / SAMPLE_RATE
+        late = [t for t in times if t > audio_end]
+        if late:  # said, not hidden: those steps all hear the same last seconds
+            logger.warning("%s: the audio ends at %.2f s, before %d of the %d steps (from "
+                           "t = %.2f s); they use the audio's last 3 s", path, audio_end,
+                           len(late), len(times), late[0])
         container.seek(0)
         for t, frame in _frames_at(container, times, path):
             yield t, frame, clip_from_waveform(mono, SAMPLE_RATE, t - audio_start, name=str(path))
