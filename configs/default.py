@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Optimisation (section 4).
     config.learning_rate = 1e-4
+    config.lr_schedule = "constant"  # the paper; or "cosine" (warm-up, then decay to 0)
+    config.warmup_steps = 0  # cosine: linear warm-up from 0 over these steps
     config.weight_decay = 1e-4
     config.batch_size = 128  # global, across all devices and hosts
     config.num_epochs = 20
@@ -52,8 +54,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.ogl = False
     config.eval.ogl_weights = "~/.cache/sslocal/resnet18-f37072fd.pth"
     config.eval.ogl_alpha = 0.4
-    config.eval.threshold = "median_ge"  # median_ge (reference) | median_gt | a number
-    config.eval.upsample = "bilinear_align_corners"  # reference | bicubic
+    config.eval.ogl_fusion = "minmax"  # minmax (EZ-VSL, reference) | slavc (fixed ranges)
+    config.eval.threshold = "median_ge"  # median_ge (reference) | median_gt | adaptive | a number
+    # bilinear_align_corners (reference) | bilinear | bicubic | bicubic_align_corners (SLAVC)
+    config.eval.upsample = "bilinear_align_corners"
+    config.eval.extended = "slavc"  # *_plus_silent sets: slavc (SLAVC's evaluator) | exact
     config.eval.report = False
     config.eval.baselines = False  # also score centre / random / oracle maps, untrained model
     config.log_every_steps = 50

@@ -22,6 +22,13 @@ from sslocal import metrics
 from sslocal.data import pipeline
 
 KINDS = ("center", "random", "oracle")
+# One line per baseline row of the tables (report.html, metrics.json's row names).
+DESCRIPTIONS = {
+    "center": "centre prior: a centred Gaussian, i.e. predict the central disk",
+    "random": "random map: i.i.d. uniform noise (seeded), i.e. a random half of the pixels",
+    "oracle": "oracle: the ground-truth box ranked by distance outside it (the ceiling)",
+    "untrained": "untrained model: config.model as training initialises it (config.seed)",
+}
 
 
 def center_map(size: int = 224) -> np.ndarray:

@@ -8,6 +8,7 @@ the models (`sslocal.models.load`, any workdir, model directory or PyTorch file)
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
@@ -28,7 +29,9 @@ from sslocal.models.load import LoadedModel
 
 
 def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
-    """A plain-text table of the headline metrics (x 100), one row per (model, test set)."""
+    """A plain-text table of the headline metrics (x 100), one row per (model, test set);
+    on sets with non-sounding pairs, a line of the extended evaluation (all samples) naming
+    its variant; the protocol variants last."""
     header = f"{'model / test set':<40} {'cIoU':>7} {'AUC':>7} {'meanIoU':>8} {'N':>6}"
     lines = [header, "-" * len(header)]
     for label, s in rows.items():
@@ -37,14 +40,21 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
         if "ogl_cIoU" in s:
             lines.append(f"{label + ' + OGL':<40} {100 * s['ogl_cIoU']:7.2f} "
                          f"{100 * s['ogl_AUC']:7.2f} {100 * s['ogl_mean_cIoU']:8.2f} {s['N']:6d}")
-        if "AP" in s:
-            lines.append(f"{'':<40} AP {100 * s['AP']:.2f}  max-F1 {100 * s['max_F1']:.2f}  "
-                         f"({s['N_non_sounding']} non-sounding)")
+        if "extended" in s:
+            ext, n_silent = s["extended"], s.get("N_non_sounding", 0)
+            shown = {name: ext["all"][name] for name in ("AP@50", "AP@75", "maxF1@50",
+                                                         "Precision@50")}
+            values = "  ".join(f"{name} " + ("n/a" if v is None else f"{100 * v:.2f}")
+                               for name, v in shown.items())
+            lines.append(f"{'':<40} extended ({ext['variant']}, all): {values}  "
+                         f"({n_silent} non-sounding)")
     variants = {json.dumps(s["protocol_variant"], sort_keys=True): s["protocol_variant"]
                 for s in rows.values() if "protocol_variant" in s}
     for v in variants.values():
-        lines.append(f"protocol: pred = {v['threshold_rule']}, upsample {v['upsample']}"
-                     + (f", OGL alpha {v['ogl_alpha']}" if v["ogl_alpha"] is not None else ""))
+        ogl = (f", OGL alpha {v['ogl_alpha']} ({v.get('ogl_fusion') or 'minmax'} fusion)"
+               if v["ogl_alpha"] is not None else "")
+        lines.append(f"protocol: pred = {v['threshold_rule']}, upsample {v['upsample']}{ogl}, "
+                     f"extended {v.get('extended_variant', 'slavc')}")
     return "\n".join(lines)
 
 
@@ -60,6 +70,8 @@ def write_results(out: Path, label: str, result: EvalResult) -> Path:
                   "checkpoint": result.summary.get("checkpoint"),
                   "ids": result.ids, "sounding": result.sounding.tolist(),
                   "confidence": result.confidence.tolist(),
+                  "num_boxes": result.num_boxes.tolist(),
+                  "area": None if result.areas is None else result.areas.tolist(),
                   **{f"cIoU_{k}": v.tolist() for k, v in result.cious.items()}}
     path = out / "per_sample" / f"{_file_name(label)}.json"
     path.write_text(json.dumps(per_sample))
@@ -121,8 +133,13 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
         if collector is not None:
             collector.add_model(label, results, functools.partial(evaluator.maps, model))
     if baselines:
-        summaries.update(_baseline_rows(evaluator, sources, collector))
+        rows = _baseline_rows(evaluator, sources, collector)
+        summaries.update(rows)
         summaries["gap_closed"] = _gap_closed(summaries, labels, sources)
+        if collector is not None:  # report.html's table holds every row printed below
+            from sslocal import baselines as baselines_lib
+
+            collector.add_rows(rows, baselines_lib.DESCRIPTIONS)
     if is_main:
         print(metrics_table({k: v for k, v in summaries.items() if k != "gap_closed"}))
         for label, gap in summaries.get("gap_closed", {}).items():
@@ -153,8 +170,22 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     models = ((label, load.load_model(checkpoint, mesh=mesh))
               for checkpoint, label in zip(checkpoints, model_labels(checkpoints), strict=True))
-    return evaluate_models(evaluator, models, sources, out or Path(checkpoints[0]) / "eval",
+    return evaluate_models(evaluator, models, sources, out or default_out(checkpoints[0]),
                            report=report, baselines=baselines)
+
+
+def default_out(checkpoint: str | Path) -> Path:
+    """Where `sslocal evaluate` writes without --out: a new folder beside the (first) model,
+    CHECKPOINT/evaluations/<time>/, so that no earlier result (a training run's eval/, an
+    earlier evaluation) is overwritten or mixed with new files."""
+    checkpoint = Path(checkpoint)
+    base = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = base / "evaluations" / stamp, 1
+    while out.exists():
+        n += 1
+        out = base / "evaluations" / f"{stamp}-{n}"
+    return out
 
 
 def _baseline_rows(evaluator: Evaluator, sources: dict[str, Any], collector) -> dict[str, dict]:

@@ -31,7 +31,8 @@ from sslocal.writers import progress
 
 
 def parse_threshold(value: str | float) -> str | float:
-    """"median_ge" / "median_gt" stay rules; anything else is a fixed threshold."""
+    """The rules of metrics.THRESHOLDS ("median_ge", "median_gt", "adaptive") stay rules;
+    anything else is a fixed threshold."""
     if isinstance(value, str) and value in metrics.THRESHOLDS:
         return value
     try:
@@ -52,6 +53,14 @@ class EvalResult:
     confidence: np.ndarray
     sounding: np.ndarray
     summary: dict[str, Any] = field(default_factory=dict)
+    # Ground-truth boxes per sample (0: non-sounding; default: 1 per sounding sample) and the
+    # ground-truth area (metrics.gt_areas, of the extended variant; None: unknown).
+    num_boxes: np.ndarray | None = None
+    areas: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.num_boxes is None:
+            self.num_boxes = np.asarray(self.sounding, bool).astype(np.int64)
 
 
 class Evaluator:
@@ -73,6 +82,14 @@ class Evaluator:
                              f"{config.eval.upsample!r}")
         self.upsample = config.eval.upsample
         self.ogl_alpha = float(config.eval.ogl_alpha)
+        self.ogl_fusion = config.eval.get("ogl_fusion", "minmax")
+        if self.ogl_fusion not in maps.OGL_FUSIONS:
+            raise ValueError(f"eval.ogl_fusion must be one of {maps.OGL_FUSIONS}, not "
+                             f"{self.ogl_fusion!r}")
+        self.extended = config.eval.get("extended", "slavc")
+        if self.extended not in metrics.EXTENDED_VARIANTS:
+            raise ValueError(f"eval.extended must be one of {metrics.EXTENDED_VARIANTS}, not "
+                             f"{self.extended!r}")
         self._ogl_graphdef, self._ogl_state = None, None
         if config.eval.ogl if ogl is None else ogl:
             self._ogl_graphdef, self._ogl_state = factory.build_ogl(config.eval.ogl_weights,
@@ -93,12 +110,17 @@ class Evaluator:
         if ogl_graphdef is not None:
             features = nnx.merge(ogl_graphdef, variables["ogl"])(image)
         return maps.localization_maps(V, A, upsample=self.upsample, object_features=features,
-                                      ogl_alpha=self.ogl_alpha)
+                                      ogl_alpha=self.ogl_alpha, ogl_fusion=self.ogl_fusion)
 
     def variant(self) -> dict:
-        """The protocol variant of every number this evaluator produces (result files)."""
+        """The protocol variant of every number this evaluator produces (result files): the
+        threshold rule, the upsampling, OGL's alpha and fusion (when OGL is on) and the
+        extended evaluation's variant."""
+        ogl = self._ogl_graphdef is not None
         return metrics.protocol_variant(self.threshold, self.upsample,
-                                        self.ogl_alpha if self._ogl_graphdef else None)
+                                        self.ogl_alpha if ogl else None,
+                                        extended=self.extended,
+                                        ogl_fusion=self.ogl_fusion if ogl else None)
 
     def _apply(self, model: LoadedModel, image: np.ndarray, spec: np.ndarray):
         """The step on one host-local batch slice of this process (global arrays out)."""
@@ -118,6 +140,7 @@ class Evaluator:
             gt_format=data_prepare.gt_format(name), process_index=jax.process_index(),
             process_count=jax.process_count())
         indices, cious, conf, sounding = [], {k: [] for k in self.kinds}, [], []
+        num_boxes, areas = [], []
         local_ids: dict[int, str] = {}
         for batch in progress(iterable=loader, desc=f"eval {name}",
                               disable=jax.process_index() != 0):
@@ -129,6 +152,9 @@ class Evaluator:
                 cious[kind].append(metrics.ciou(kind_maps, gt, self.threshold))
             conf.append(metrics.confidence(sharding.to_host_local(out["raw"], self.mesh)[keep]))
             sounding.append(np.asarray(batch["sounding"], bool)[keep])
+            # Boxes per sample for the extended evaluation: 0 for a non-sounding pair.
+            num_boxes.append(np.where(sounding[-1], np.asarray(batch["num_boxes"])[keep], 0))
+            areas.append(metrics.gt_areas(gt, self.extended))
             index = np.asarray(batch["index"])[keep]
             indices.append(index)
             local_ids.update(zip(index.tolist(), batch["id"][keep].tolist(), strict=True))
@@ -146,6 +172,8 @@ class Evaluator:
             cious={k: sharding.gather_to_all(np.concatenate(v))[order] for k, v in cious.items()},
             confidence=sharding.gather_to_all(np.concatenate(conf))[order],
             sounding=sharding.gather_to_all(np.concatenate(sounding))[order],
+            num_boxes=sharding.gather_to_all(np.concatenate(num_boxes))[order],
+            areas=sharding.gather_to_all(np.concatenate(areas))[order],
         )
         result.summary = summarize_result(result, self.variant())
         result.summary["image_size"] = model.image_size
@@ -176,8 +204,11 @@ class Evaluator:
 
 
 def summarize_result(result: EvalResult, variant: dict) -> dict[str, Any]:
-    """cIoU@0.5, AUC, mean cIoU and N of each map kind on the sounding samples; AP and max-F1
-    when the set holds non-sounding pairs (extended evaluation); the protocol variant."""
+    """cIoU@0.5, AUC, mean cIoU and N of each map kind on the sounding samples; when the set
+    holds non-sounding pairs, the extended evaluation of the AV map under the variant's
+    `extended_variant` ("slavc" unless the variant says otherwise), as
+    summary["extended"] = {"variant": name, subset: {metric: value}, ...}
+    (metrics.extended_metrics), and N_non_sounding; the protocol variant."""
     summary: dict[str, Any] = {}
     sounding = result.sounding
     for kind, cious in result.cious.items():
@@ -185,8 +216,10 @@ def summarize_result(result: EvalResult, variant: dict) -> dict[str, Any]:
         for key, value in metrics.summarize(cious[sounding]).items():
             summary[prefix + key] = value
     if not sounding.all():
-        extended = metrics.extended_metrics(result.cious["av"], result.confidence, sounding)
-        summary.update(AP=extended["AP"], max_F1=extended["max_F1"],
-                       N_non_sounding=int((~sounding).sum()))
+        name = variant.get("extended_variant", "slavc")
+        summary["extended"] = {"variant": name, **metrics.extended_metrics(
+            result.cious["av"], result.confidence, result.num_boxes, result.areas,
+            variant=name)}
+        summary["N_non_sounding"] = int((~sounding).sum())
     summary["protocol_variant"] = variant
     return summary

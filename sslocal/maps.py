@@ -19,6 +19,12 @@ and cheap on device. Methods (`upsample=`):
 - "bicubic": `F.interpolate(mode="bicubic", align_corners=False)`: PyTorch's convention (Keys
   cubic with a = -0.75, half-pixel centres, border taps clamped), not `jax.image.resize`'s
   (a = -0.5, weights renormalised at the border).
+- "bicubic_align_corners": `F.interpolate(mode="bicubic", align_corners=True)` (SLAVC's
+  evaluation): the same cubic, source coordinate i * (n_in - 1) / (n_out - 1).
+
+OGL fusion (`ogl_fusion=`): "minmax" (EZ-VSL, the protocol) fuses the min-max normalised AV and
+object maps and min-max normalises the sum; "slavc" (stoneMo/SLAVC test.py) fuses fixed-range
+scores, alpha * (alpha_ii + 1) / 2 + (1 - alpha) * obj / 2.5, and leaves the sum as it is.
 """
 
 import functools
@@ -30,7 +36,11 @@ from jax.sharding import PartitionSpec as P
 
 from sslocal.protocol import MAP_SIZE
 
-UPSAMPLE_METHODS = ("bilinear_align_corners", "bilinear", "bicubic")
+UPSAMPLE_METHODS = ("bilinear_align_corners", "bilinear", "bicubic", "bicubic_align_corners")
+OGL_FUSIONS = ("minmax", "slavc")
+# SLAVC's fixed score ranges: the AV map (cosine) in [-1, 1], the object map in [0, 2.5].
+SLAVC_AV_RANGE = (-1.0, 1.0)
+SLAVC_OBJ_RANGE = (0.0, 2.5)
 PRECISION = jax.lax.Precision.HIGHEST  # of every product below (module docstring)
 _F32 = jnp.float32
 
@@ -83,8 +93,13 @@ def _bilinear_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:
     return w
 
 
-def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+def _bicubic_matrix(n_in: int, n_out: int, align_corners: bool = False,
+                    a: float = -0.75) -> np.ndarray:
+    i = np.arange(n_out, dtype=np.float64)
+    if align_corners:  # PyTorch: scale (n_in - 1) / (n_out - 1), 0 for one output pixel
+        src = i * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(i)
+    else:  # half-pixel centres, not clamped at 0 for cubic (PyTorch's cubic=True)
+        src = (i + 0.5) * (n_in / n_out) - 0.5
     i0 = np.floor(src).astype(int)
     t = src - i0
 
@@ -110,7 +125,9 @@ def interpolation_matrix(n_in: int, n_out: int, upsample: str) -> np.ndarray:
     elif upsample == "bilinear":
         w = _bilinear_matrix(n_in, n_out, align_corners=False)
     elif upsample == "bicubic":
-        w = _bicubic_matrix(n_in, n_out)
+        w = _bicubic_matrix(n_in, n_out, align_corners=False)
+    elif upsample == "bicubic_align_corners":
+        w = _bicubic_matrix(n_in, n_out, align_corners=True)
     else:
         raise ValueError(f"unknown upsample method {upsample!r}; choose one of {UPSAMPLE_METHODS}")
     w = w.astype(np.float32)
@@ -164,14 +181,27 @@ def av_map(
     return _upsample_normalize(alpha_ii, size, upsample)
 
 
+def _object_reduce(features: jax.Array) -> jax.Array:
+    features = jnp.asarray(features).astype(jnp.float32)
+    if features.ndim != 4:
+        raise ValueError(f"expected features of shape (B, h, w, C), got {features.shape}")
+    return jnp.mean(jnp.abs(features), axis=-1)
+
+
+def object_scores(
+    features: jax.Array, size: int = MAP_SIZE, upsample: str = "bilinear_align_corners"
+) -> jax.Array:
+    """OGL object scores before normalisation: mean over channels of |features (B, h, w, C)|,
+    upsampled to (B, size, size)."""
+    return upsample_maps(_object_reduce(features), size, upsample)
+
+
 def object_map(
     features: jax.Array, size: int = MAP_SIZE, upsample: str = "bilinear_align_corners"
 ) -> jax.Array:
     """OGL object map: mean over channels of |features (B, h, w, C)|, upsampled, min-max."""
-    features = jnp.asarray(features).astype(jnp.float32)
-    if features.ndim != 4:
-        raise ValueError(f"expected features of shape (B, h, w, C), got {features.shape}")
-    return _upsample_normalize(jnp.mean(jnp.abs(features), axis=-1), size, upsample)
+    reduced = _object_reduce(features)
+    return _normalize_upsampled(reduced, upsample_maps(reduced, size, upsample))
 
 
 def fuse_ogl(av: jax.Array, obj: jax.Array, alpha: float = 0.4) -> jax.Array:
@@ -183,16 +213,45 @@ def fuse_ogl(av: jax.Array, obj: jax.Array, alpha: float = 0.4) -> jax.Array:
     return minmax_normalize(alpha * av + (1.0 - alpha) * obj)
 
 
+def fuse_ogl_fixed_range(raw: jax.Array, obj_scores: jax.Array, alpha: float = 0.4
+                         ) -> jax.Array:
+    """SLAVC's fusion (stoneMo/SLAVC test.py): alpha * scores_av + (1 - alpha) * scores_obj
+    with fixed-range scores instead of per-sample min-max, and no normalisation of the sum.
+
+    raw: the upsampled alpha_ii (cosines); SLAVC's map is Savl = cosine / tau scaled from
+    [-1 / tau, 1 / tau] to [0, 1], i.e. (raw + 1) / 2 whatever tau. obj_scores: the upsampled
+    mean |features| (`object_scores`), scaled from [0, 2.5] to [0, 1].
+    """
+    raw = jnp.asarray(raw).astype(jnp.float32)
+    obj_scores = jnp.asarray(obj_scores).astype(jnp.float32)
+    if raw.shape != obj_scores.shape:
+        raise ValueError(f"av and obj maps differ in shape: {raw.shape} vs {obj_scores.shape}")
+    (av_lo, av_hi), (obj_lo, obj_hi) = SLAVC_AV_RANGE, SLAVC_OBJ_RANGE
+    av = (raw - av_lo) / (av_hi - av_lo)
+    obj = (obj_scores - obj_lo) / (obj_hi - obj_lo)
+    return alpha * av + (1.0 - alpha) * obj
+
+
 def localization_maps(V: jax.Array, A: jax.Array, *, size: int = MAP_SIZE,
                       upsample: str = "bilinear_align_corners",
                       object_features: jax.Array | None = None,
-                      ogl_alpha: float = 0.4) -> dict[str, jax.Array]:
+                      ogl_alpha: float = 0.4, ogl_fusion: str = "minmax"
+                      ) -> dict[str, jax.Array]:
     """What evaluation scores, from the towers' outputs: {"raw": alpha_ii upsampled (the
-    extended evaluation's confidence reads it), "av": av_map(alpha_ii)[, "ogl": fuse_ogl(av,
-    object_map(object_features))]}, each (B, size, size) float32."""
+    extended evaluation's confidence reads it), "av": av_map(alpha_ii)[, "ogl"]}, each
+    (B, size, size) float32. "ogl": fuse_ogl(av, object_map(object_features)) with
+    ogl_fusion "minmax", fuse_ogl_fixed_range(raw, object_scores(object_features)) with
+    "slavc"."""
+    if ogl_fusion not in OGL_FUSIONS:
+        raise ValueError(f"unknown OGL fusion {ogl_fusion!r}; choose one of {OGL_FUSIONS}")
     alpha = diagonal_map(V, A)
     raw = upsample_maps(alpha, size, upsample)
     out = {"raw": raw, "av": _normalize_upsampled(alpha, raw)}
     if object_features is not None:
-        out["ogl"] = fuse_ogl(out["av"], object_map(object_features, size, upsample), ogl_alpha)
+        if ogl_fusion == "slavc":
+            out["ogl"] = fuse_ogl_fixed_range(
+                raw, object_scores(object_features, size, upsample), ogl_alpha)
+        else:
+            out["ogl"] = fuse_ogl(out["av"], object_map(object_features, size, upsample),
+                                  ogl_alpha)
     return out

@@ -7,6 +7,11 @@ confident on), with every model's map side by side and its cIoU, as the paper's 
 
 Only the shown samples' maps are kept: they are recomputed from their records with the
 model's eval computation while each model is loaded (`Report.add_model`).
+
+The metric table holds one row per (model or baseline, test set) with a description of each
+(`Report.add_rows` takes the baselines' rows); a test set with non-sounding pairs gets the
+extended evaluation's table per subset and its precision-recall plot, each number labelled
+with the variant that computed it (docs/protocol.md section 6).
 """
 
 from __future__ import annotations
@@ -174,14 +179,17 @@ def histogram_plot(curves: Mapping[str, np.ndarray], path: Path, title: str) -> 
     return path
 
 
-def precision_recall_plot(curves: Mapping[str, dict], path: Path, title: str) -> Path:
-    """Extended evaluation: precision against recall (detections ranked by confidence)."""
+def precision_recall_plot(lines: Mapping[str, tuple[np.ndarray, np.ndarray, str, str]],
+                          path: Path, title: str) -> Path:
+    """Extended evaluation: precision against recall, one line per label: (recall, precision,
+    matplotlib linestyle, colour), e.g. a colour per model and a style per IoU threshold
+    (metrics.precision_recall_curve gives the points)."""
     figure, ax = _figure()
-    for label, ext in curves.items():
-        ax.step(np.concatenate([[0.0], ext["recall"]]),
-                np.concatenate([[ext["precision"][0]], ext["precision"]]), where="post",
-                label=f"{label} (AP {100 * ext['AP']:.1f}, max-F1 {100 * ext['max_F1']:.1f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
+    for label, (recall, precision, style, colour) in lines.items():
+        ax.plot(np.asarray(recall, np.float64), np.asarray(precision, np.float64),
+                linestyle=style, color=colour, marker="o", markersize=2, linewidth=1.2,
+                label=label)
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title)
     _save(figure, ax, path)
     return path
 
@@ -232,6 +240,8 @@ class Report:
         self.per_group = per_group
         self.models: list[_Model] = []
         self.shown: dict[str, list[_Shown]] = {}
+        self.rows: list[tuple[str, str, dict[str, Any]]] = []  # (label, test set, summary)
+        self.descriptions: dict[str, str] = {}  # label -> its line in the metric table
 
     def add_model(self, label: str, results: Mapping[str, Any], maps: MapFn) -> None:
         """One model's results (test set -> EvalResult) and its map function (`Evaluator.maps`
@@ -252,6 +262,32 @@ class Report:
             if samples:
                 model.maps[name] = self._maps(maps, samples, list(results[name].cious))
         self.models.append(model)
+
+    def add_rows(self, summaries: Mapping[str, Mapping[str, Any]],
+                 descriptions: Mapping[str, str]) -> None:
+        """Rows of the metric table beside the models: summaries keyed "LABEL / TEST SET", as
+        `evaluate.evaluate_models` names them (the baselines "center / vggss/test", ...), and
+        a one-line description of every LABEL (sslocal.baselines.DESCRIPTIONS). A LABEL added
+        as a model already (the untrained baseline, whose maps are shown) only takes its
+        description; every other entry becomes a row."""
+        models = {m.label for m in self.models}
+        taken = {(label, name) for label, name, _ in self.rows}
+        for key, summary in summaries.items():
+            label, sep, name = key.partition(" / ")
+            if not sep or name not in self.sources:
+                raise ValueError(f"row {key!r} is not 'LABEL / TEST SET' of a reported test set")
+            if not str(descriptions.get(label, "")).strip():
+                raise ValueError(f"row {key!r}: no description of {label!r}")
+            missing = [k for k in ("cIoU", "AUC", "mean_cIoU", "N") if summary.get(k) is None]
+            if missing:
+                raise ValueError(f"row {key!r} lacks {missing}")
+            self.descriptions[label] = str(descriptions[label])
+            if label in models:
+                continue
+            if (label, name) in taken:
+                raise ValueError(f"row {key!r} was already added")
+            taken.add((label, name))
+            self.rows.append((label, name, dict(summary)))
 
     def _pick(self, name: str, result: Any) -> list[_Shown]:
         chosen = select_samples(result.cious["av"], result.sounding, result.confidence,
@@ -309,13 +345,25 @@ class Report:
             (histogram_plot(curves, out / "plots" / f"hist-{slug}.png", f"{name}: cIoU"),
              "Per-sample cIoU; samples at or right of the dotted line count as localized."),
         ]
-        if not sounding.all():
-            ext = {m.label: metrics.extended_metrics(m.results[name].cious["av"],
-                                                     m.results[name].confidence, sounding)
-                   for m in self.models}
-            plots.append((precision_recall_plot(ext, out / "plots" / f"pr-{slug}.png",
-                                                f"{name}: extended"),
-                          "Extended evaluation: non-sounding pairs are false positives."))
+        extended = [m for m in self.models if "extended" in m.results[name].summary]
+        if extended:
+            lines = {}
+            for i, m in enumerate(extended):
+                result = m.results[name]
+                ext = result.summary["extended"]
+                for u, style in zip(metrics.EXTENDED_IOU_THRESHOLDS, ("-", "--"), strict=True):
+                    tag = f"@{round(100 * u)}"
+                    curve = metrics.precision_recall_curve(
+                        result.cious["av"], result.confidence, result.num_boxes, u,
+                        ext["variant"])
+                    lines[f"{m.label} u={u} (AP{tag} {_pct(ext['all']['AP' + tag])}, "
+                          f"{ext['variant']})"] = (curve["recall"], curve["precision"], style,
+                                                   f"C{i % 10}")
+            plots.append((precision_recall_plot(lines, out / "plots" / f"pr-{slug}.png",
+                                                f"{name}: extended, all samples"),
+                          "Extended evaluation, all samples: precision against recall as the "
+                          "confidence threshold falls (non-sounding pairs are false "
+                          "positives); solid u = 0.5, dashed u = 0.75."))
         parts = [f'<section id="set-{t}"><h2>{_e(name)}</h2>',
                  f'<p class="meta">{int(sounding.sum())} sounding samples'
                  + (f", {int((~sounding).sum())} non-sounding pairs" if not sounding.all()
@@ -323,6 +371,8 @@ class Report:
         for path, caption in plots:
             parts.append(_figure_html(path.relative_to(out), caption, f"{name} plot"))
         parts.append("</div>")
+        if extended:
+            parts.append(self._extended_table(name, extended))
         shown = self.shown[name]
         if shown:
             parts.append(f'<p class="meta">Samples chosen by the cIoU of '
@@ -358,27 +408,56 @@ class Report:
                                       f"{label} map of {sample.clip_id}"))
         return '<div class="row">' + "".join(cells) + "</div>"
 
+    def _description(self, model: _Model) -> str:
+        parts = [self.descriptions.get(model.label, ""), _checkpoint(model)]
+        return "; ".join(p for p in parts if p) or "evaluated model"
+
     def _metrics_table(self) -> str:
-        extended = any("AP" in m.results[n].summary for m in self.models for n in self.sources)
-        head = ["model", "test set", "map", "N", "cIoU", "AUC", "mean cIoU"]
-        if extended:
-            head += ["AP", "max-F1", "non-sounding"]
+        """One row per map of every model and per added row (baselines), per test set."""
+        head = ["model", "description", "test set", "map", "N", "cIoU", "AUC", "mean cIoU"]
         rows = []
         for name in self.sources:
             for model, kind, _ in self._columns(name):
                 s = model.results[name].summary
                 p = "" if kind == "av" else f"{kind}_"
-                cells = [_e(model.label), _e(name), KIND_TITLES.get(kind, _e(kind)),
-                         str(s.get(p + "N", s.get("N")))]
+                cells = [_e(model.label), _e(self._description(model)), _e(name),
+                         KIND_TITLES.get(kind, _e(kind)), str(s.get(p + "N", s.get("N")))]
                 cells += [_pct(s.get(p + key)) for key in ("cIoU", "AUC", "mean_cIoU")]
-                if extended:
-                    cells += ([_pct(s.get("AP")), _pct(s.get("max_F1")),
-                               str(s.get("N_non_sounding", 0))] if kind == "av"
-                              else ["", "", ""])
-                rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        return ('<table class="metrics"><thead><tr>'
-                + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
-                + "\n".join(rows) + "</tbody></table>")
+                rows.append(cells)
+            for label, set_name, s in self.rows:
+                if set_name == name:
+                    rows.append([_e(label), _e(self.descriptions[label]), _e(name),
+                                 "reference", str(s["N"])]
+                                + [_pct(s[key]) for key in ("cIoU", "AUC", "mean_cIoU")])
+        return _table("metrics", head, rows)
+
+    def _extended_table(self, name: str, models: list[_Model]) -> str:
+        """The extended evaluation of the AV maps: one row per (model, subset), the variant
+        that computed each row named in it."""
+        head = ["model", "variant", "subset", "N", "sounding", *metrics.EXTENDED_NAMES]
+        rows, variants = [], {}
+        for m in models:
+            ext = m.results[name].summary["extended"]
+            variants[ext["variant"]] = m.results[name].summary.get(
+                "protocol_variant", {}).get("extended", "")
+            for subset in metrics.EXTENDED_SUBSETS:
+                if subset in ext:
+                    values = ext[subset]
+                    rows.append([_e(m.label), _e(ext["variant"]), subset, str(values["N"]),
+                                 str(values["N_sounding"])]
+                                + [_pct(values[key]) for key in metrics.EXTENDED_NAMES])
+        names = ", ".join(_e(v) for v in variants)
+        rules = "".join(f"<li><b>{_e(v)}</b>: {_e(rule)}</li>" for v, rule in variants.items()
+                        if rule)
+        return (f"<h3>Extended evaluation ({names} variant)</h3>"
+                + (f'<ul class="note">{rules}</ul>' if rules else "")
+                + '<p class="note">AV maps; every pair is ranked by its confidence (the mean of '
+                "the top quarter of its un-normalised map); a non-sounding pair above the "
+                "threshold is a false positive. visible: the sounding samples; small / medium "
+                "/ large / huge: sounding samples by ground-truth area (&lt; 32&sup2;, "
+                "&lt; 96&sup2;, &lt; 144&sup2;, larger); u: the cIoU a detection needs. "
+                "Subsets without a sample are left out; n/a: undefined on the subset.</p>"
+                + _table("metrics extended", head, rows))
 
     def _variants(self) -> str:
         variants: dict[str, list[str]] = {}
@@ -419,7 +498,8 @@ class Report:
 {self._metrics_table()}
 <p class="note">cIoU: percentage of samples with cIoU &ge; 0.5; AUC: area under the success
 curve (t = 0, 0.05, ..., 1); mean cIoU: the average. All &times; 100, on the sounding samples.
-AP and max-F1 (extended evaluation) rank every pair by the confidence of its map.</p>
+Reference rows are the baselines, scored by the same protocol. Test sets with non-sounding pairs
+show the extended evaluation in their own section.</p>
 <ul class="models">{checkpoints}</ul>
 <details><summary>Protocol variant</summary>
 {self._variants()}
@@ -440,7 +520,14 @@ def _e(text: Any) -> str:
 
 
 def _pct(value: Any) -> str:
-    return "" if value is None else f"{100 * float(value):.2f}"
+    return "n/a" if value is None else f"{100 * float(value):.2f}"
+
+
+def _table(css: str, head: list[str], rows: list[list[str]]) -> str:
+    return (f'<table class="{css}"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head)
+            + "</tr></thead><tbody>"
+            + "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table>")
 
 
 def _flat(value: Any) -> str:
@@ -461,7 +548,8 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2e
 .meta, .note, footer { color: #666; font-size: .9em; }
 table { border-collapse: collapse; margin: .5em 0; font-size: .92em; }
 th, td { border: 1px solid #ddd; padding: .3em .7em; }
-table.metrics td:nth-child(n+4) { text-align: right; font-variant-numeric: tabular-nums; }
+table.metrics td:nth-child(n+5), table.extended td:nth-child(n+4) { text-align: right;
+  font-variant-numeric: tabular-nums; }
 table.metrics thead th { background: #f3f3f3; }
 table.kv th { text-align: left; background: #f8f8f8; font-weight: 600; }
 .plots, .row { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }

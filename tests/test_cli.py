@@ -263,3 +263,13 @@ def test_sigterm_to_prepare_leaves_no_worker_and_no_incomplete_folder(tmp_path):
         time.sleep(0.2)
     assert _session_processes(proc.pid) == []  # no orphaned worker or resource tracker
     assert not [p for p in data.rglob("*") if "incomplete" in p.name]
+
+
+def test_evaluate_on_an_unprepared_set_says_so_first(tmp_path):
+    """The first line is sslocal's, not TFDS's warning about a folder a failed build left."""
+    (tmp_path / "tfds" / "vggss" / "test" / "1.0.0").mkdir(parents=True)
+    proc = sslocal("evaluate", "--config", TINY, f"--config.data_dir={tmp_path / 'tfds'}",
+                   "--dataset", "vggss/test", "--checkpoint", tmp_path)
+    one_line_error(proc, "vggss/test is not prepared")
+    assert "dataset_info.json" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[0].startswith("sslocal evaluate: error:")

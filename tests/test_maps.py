@@ -56,6 +56,7 @@ TORCH_MODES = {
     "bilinear_align_corners": ("bilinear", True),
     "bilinear": ("bilinear", False),
     "bicubic": ("bicubic", False),
+    "bicubic_align_corners": ("bicubic", True),  # SLAVC's evaluation
 }
 
 # ---------------------------------------------------------------------------------- tests
@@ -149,6 +150,76 @@ def test_default_ogl_alpha_is_0_4():
     # 0.4 av + 0.6 obj = [[0.6, 0.4], [0.5, 0.2]] -> min-max over [0.2, 0.6].
     expect = np.array([[[1.0, 0.5], [0.75, 0.0]]])
     np.testing.assert_allclose(np.asarray(maps.fuse_ogl(av, obj)), expect, atol=1e-6)
+
+
+def test_bicubic_align_corners_keeps_corners_and_passes_through_the_input_grid():
+    x = np.random.default_rng(6).normal(size=(2, 7, 7))
+    got = np.asarray(maps.upsample_maps(x, 223, "bicubic_align_corners"))  # 222 / 6 = 37
+    # Source coordinate i * 6 / 222: every 37th output pixel sits on an input pixel, where the
+    # cubic's weights are (0, 1, 0, 0).
+    np.testing.assert_allclose(got[:, ::37, ::37], x, rtol=1e-6, atol=1e-6)
+    w = maps.interpolation_matrix(7, 223, "bicubic_align_corners")
+    np.testing.assert_array_equal(w[::37], np.eye(7, dtype=np.float32))
+
+
+def ref_slavc_fusion(V, A, feats, alpha, tau, size):
+    """stoneMo/SLAVC test.py in torch float64: Savl = <V, A> / tau and the object map
+    (mean |features|), both F.interpolate(bicubic, align_corners=True); scores_av =
+    (Savl - (-1 / tau)) / (2 / tau), scores_obj = (obj - 0) / 2.5; alpha * av + (1 - alpha) *
+    obj, not normalised."""
+    torch = pytest.importorskip("torch")
+    v = torch.tensor(np.asarray(V, np.float64)).permute(0, 3, 1, 2)
+    a = torch.tensor(np.asarray(A, np.float64))
+    heatmap = (torch.einsum("nchw,nc->nhw", v, a) / tau).unsqueeze(1)
+    heatmap = torch.nn.functional.interpolate(heatmap, size=(size, size), mode="bicubic",
+                                              align_corners=True)[:, 0].numpy()
+    obj = torch.tensor(np.asarray(feats, np.float64)).permute(0, 3, 1, 2).abs().mean(1)
+    obj = torch.nn.functional.interpolate(obj.unsqueeze(1), size=(size, size), mode="bicubic",
+                                          align_corners=True)[:, 0].numpy()
+
+    def min_max_norm(x, xmin, xmax):
+        return (x - xmin) / (xmax - xmin)
+
+    scores_av = min_max_norm(heatmap, -1.0 / tau, 1.0 / tau)
+    scores_obj = min_max_norm(obj, 0.0, 2.5)
+    return scores_av * alpha + scores_obj * (1 - alpha)
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.4])
+def test_slavc_ogl_fusion_against_slavcs_code(alpha):
+    rng = np.random.default_rng(7)
+    V = l2_normalize(jnp.asarray(rng.normal(size=(3, 7, 7, 8)), jnp.float32))
+    A = l2_normalize(jnp.asarray(rng.normal(size=(3, 8)), jnp.float32))
+    feats = jnp.asarray(np.abs(rng.normal(size=(3, 7, 7, 16))) * 2, jnp.float32)
+    out = maps.localization_maps(V, A, upsample="bicubic_align_corners",
+                                 object_features=feats, ogl_alpha=alpha, ogl_fusion="slavc")
+    for tau in (0.03, 0.07):  # SLAVC's ranges scale with tau: the scores do not
+        expect = ref_slavc_fusion(V, A, feats, alpha, tau, 224)
+        np.testing.assert_allclose(out["ogl"], expect, atol=2e-6)
+    # The public pieces composed; the AV map is min-max normalised as always.
+    np.testing.assert_allclose(out["ogl"], maps.fuse_ogl_fixed_range(
+        out["raw"], maps.object_scores(feats, 224, "bicubic_align_corners"), alpha), atol=1e-7)
+    np.testing.assert_allclose(out["av"], maps.av_map(maps.diagonal_map(V, A),
+                                                      upsample="bicubic_align_corners"))
+    # Not min-max normalised: the fixed ranges are kept (min > 0 here, max < 1).
+    assert float(np.min(out["ogl"])) > 0.0 and float(np.max(out["ogl"])) < 1.0
+    # The default stays EZ-VSL's min-max fusion.
+    default = maps.localization_maps(V, A, upsample="bicubic_align_corners",
+                                     object_features=feats, ogl_alpha=alpha)
+    np.testing.assert_allclose(default["ogl"], maps.fuse_ogl(
+        default["av"], maps.object_map(feats, 224, "bicubic_align_corners"), alpha), atol=1e-6)
+
+
+def test_fuse_ogl_fixed_range_by_hand():
+    raw = np.array([[[-1.0, 1.0], [0.0, 0.5]]], np.float32)  # cosines -> (raw + 1) / 2
+    obj = np.array([[[0.0, 2.5], [1.25, 5.0]]], np.float32)  # -> obj / 2.5
+    # 0.9 * [[0, 1], [0.5, 0.75]] + 0.1 * [[0, 1], [0.5, 2]]
+    expect = np.array([[[0.0, 1.0], [0.5, 0.875]]])
+    np.testing.assert_allclose(maps.fuse_ogl_fixed_range(raw, obj, 0.9), expect, atol=1e-7)
+    with pytest.raises(ValueError, match="differ in shape"):
+        maps.fuse_ogl_fixed_range(raw, obj[..., :1], 0.9)
+    with pytest.raises(ValueError, match="unknown OGL fusion 'max'"):
+        maps.localization_maps(jnp.zeros((1, 2, 2, 3)), jnp.zeros((1, 3)), ogl_fusion="max")
 
 
 def test_interpolation_matrix_rows_sum_to_one():
@@ -246,6 +317,9 @@ def test_every_product_of_the_map_maths_runs_at_highest_precision():
     feats = jnp.zeros((2, 7, 7, 32), jnp.float32)
     with jax.default_matmul_precision("default"):
         for fn in (lambda v, a: maps.localization_maps(v, a, object_features=feats),
+                   lambda v, a: maps.localization_maps(
+                       v, a, object_features=feats, upsample="bicubic_align_corners",
+                       ogl_fusion="slavc"),
                    maps.similarity, maps.diagonal_map):
             assert set(_dot_precisions(fn, V, A)) == {"highest,highest"}
         plain = _dot_precisions(lambda v, a: jnp.einsum("ihwd,id->ihw", v, a), V, A)

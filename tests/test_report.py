@@ -15,7 +15,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import tiny
-from sslocal import checkpointing, evaluate, evaluator, metrics, report, sharding
+from sslocal import baselines, checkpointing, evaluate, evaluator, metrics, report, sharding
 from sslocal.data import builders, prepare
 from sslocal.models import factory, load
 
@@ -169,10 +169,12 @@ def oracle_maps(records, inverse=False):
 
 def fake_result(records, cious, kinds=("av",)):
     sounding = np.array([r["sounding"] for r in records])
+    gt = np.stack([gt_of(r["boxes"]) for r in records])
     result = evaluator.EvalResult(
         name=FAKE_SET, ids=[r["id"].decode() for r in records],
         cious={k: np.asarray(cious, np.float64) for k in kinds},
-        confidence=np.concatenate([np.linspace(0.1, 0.8, 12), SILENT_CONF]), sounding=sounding)
+        confidence=np.concatenate([np.linspace(0.1, 0.8, 12), SILENT_CONF]), sounding=sounding,
+        num_boxes=np.array([len(r["boxes"]) for r in records]), areas=metrics.gt_areas(gt))
     result.summary = evaluator.summarize_result(result, metrics.protocol_variant())
     result.summary["checkpoint"] = f"/runs/{'-'.join(kinds)}"
     return result
@@ -193,7 +195,8 @@ def test_report_of_handmade_results(fake_set, tmp_path):
 
     # Groups in order, samples in the hand-worked order; each row: frame + 3 maps.
     headings = re.findall(r"<h3>(.*?)</h3>", html)
-    assert headings == ["Best", "Median", "Worst", "Non-sounding, most confident"]
+    assert headings == ["Extended evaluation (slavc variant)", "Best", "Median", "Worst",
+                        "Non-sounding, most confident"]
     assert frame_ids(html) == [f"clip{i:02d}" for i in (1, 8, 3, 6, 10, 0, 5, 2, 9, 13, 14, 12)]
     assert all(row.count("<figure>") == 4 for row in rows(html))
     assert len(rows(html)) == 12
@@ -228,13 +231,88 @@ def test_report_of_handmade_results(fake_set, tmp_path):
         check_png(tmp_path / "plots" / name, PLOT_PIXELS)
     assert PLOT_PIXELS == tuple(round(v * report.PLOT_DPI) for v in report.PLOT_SIZE)
 
-    # Metrics table: the extended columns, the protocol variant, the checkpoints.
+    # Metrics table: a described row per map, the protocol variant, the checkpoints.
     summary = rep.models[0].results[FAKE_SET].summary
-    assert "<th>AP</th>" in html and "<th>max-F1</th>" in html
-    assert f"<td>{100 * summary['AP']:.2f}</td>" in html
-    assert f"<td>{100 * np.mean(CIOUS >= 0.5):.2f}</td>" in html
+    table = table_rows(html, "metrics")
+    assert table[0] == ["model", "description", "test set", "map", "N", "cIoU", "AUC",
+                        "mean cIoU"]
+    assert table[1] == ["oracle", "/runs/av", FAKE_SET, "AV", "12",
+                        f"{100 * np.mean(CIOUS >= 0.5):.2f}", f"{100 * summary['AUC']:.2f}",
+                        f"{100 * np.mean(CIOUS):.2f}"]
+    assert [row[:4] for row in table[2:]] == [["inverse", "/runs/av-ogl", FAKE_SET, "AV"],
+                                              ["inverse", "/runs/av-ogl", FAKE_SET, "AV + OGL"]]
     assert "map &gt;= sorted(map)[S*S//2]" in html
-    assert "/runs/av-ogl" in html and "AV + OGL" in html
+
+    # The extended evaluation: per model and subset, every number from the summary and the
+    # variant named in every row (the boxes of 120 x 130 pixels are all "large").
+    ext = table_rows(html, "metrics extended")
+    assert ext[0] == ["model", "variant", "subset", "N", "sounding", *metrics.EXTENDED_NAMES]
+    assert [row[:5] for row in ext[1:]] == [
+        [label, "slavc", subset, n, "12"] for label in ("oracle", "inverse")
+        for subset, n in (("all", "15"), ("visible", "12"), ("large", "12"))]
+    expected = metrics.extended_metrics(cious, summary_conf(records), [1] * 12 + [0] * 3,
+                                        [120.0 * 130.0] * 12 + [0.0] * 3)
+    assert summary["extended"] == {"variant": "slavc", **expected}
+    assert ext[1][5:] == [f"{100 * expected['all'][k]:.2f}" for k in metrics.EXTENDED_NAMES]
+    assert "<b>slavc</b>: SLAVC&#x27;s evaluator" in html
+    assert "<td></td>" not in html
+
+
+def table_rows(html, css):
+    """The cells of the table with class `css` (header first), tags stripped."""
+    (body,) = re.findall(rf'<table class="{css}">(.*?)</table>', html, re.S)
+    return [[re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<t[hd]>(.*?)</t[hd]>", row)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def summary_conf(records):
+    return np.concatenate([np.linspace(0.1, 0.8, 12), SILENT_CONF])
+
+
+def baseline_summary(c):
+    return metrics.summarize(np.asarray(c, np.float64))
+
+
+def test_report_rows_of_the_baselines(fake_set, tmp_path):
+    """add_rows: every baseline row of the evaluation in the table, described; the untrained
+    model (added with its maps) only takes its description; nothing blank."""
+    records, _ = fake_set
+    cious = np.concatenate([CIOUS, np.zeros(3)])
+    rep = report.Report(ml_collections.ConfigDict({"image_size": 224}), {FAKE_SET: records})
+    rep.add_model("marginNCE", {FAKE_SET: fake_result(records, cious)}, oracle_maps(records))
+    rep.add_model("untrained", {FAKE_SET: fake_result(records, cious / 2)},
+                  oracle_maps(records, inverse=True))
+    rows = {f"center / {FAKE_SET}": baseline_summary(CIOUS * 0.5),
+            f"random / {FAKE_SET}": baseline_summary(CIOUS * 0.25),
+            f"oracle / {FAKE_SET}": baseline_summary(np.full(12, 0.9)),
+            f"untrained / {FAKE_SET}": rep.models[1].results[FAKE_SET].summary}
+    rep.add_rows(rows, baselines.DESCRIPTIONS)
+    html = rep.write(tmp_path).read_text()
+    table = table_rows(html, "metrics")
+    assert [row[0] for row in table[1:]] == ["marginNCE", "untrained", "center", "random",
+                                             "oracle"]
+    assert table[2][1] == f"{baselines.DESCRIPTIONS['untrained']}; /runs/av"
+    for row, kind in zip(table[3:], ("center", "random", "oracle"), strict=True):
+        s = rows[f"{kind} / {FAKE_SET}"]
+        assert row == [kind, baselines.DESCRIPTIONS[kind], FAKE_SET, "reference", "12",
+                       f"{100 * s['cIoU']:.2f}", f"{100 * s['AUC']:.2f}",
+                       f"{100 * s['mean_cIoU']:.2f}"]
+    assert all(cell.strip() for row in table for cell in row)  # nothing blank
+    assert "<td></td>" not in html
+    # Every baseline of sslocal.baselines has its description.
+    assert set(baselines.DESCRIPTIONS) == {*baselines.KINDS, "untrained"}
+
+    with pytest.raises(ValueError, match="no description of 'mystery'"):
+        rep.add_rows({f"mystery / {FAKE_SET}": rows[f"center / {FAKE_SET}"]},
+                     baselines.DESCRIPTIONS)
+    with pytest.raises(ValueError, match="already added"):
+        rep.add_rows({f"center / {FAKE_SET}": rows[f"center / {FAKE_SET}"]},
+                     baselines.DESCRIPTIONS)
+    with pytest.raises(ValueError, match="not 'LABEL / TEST SET'"):
+        rep.add_rows({"center / other/set": rows[f"center / {FAKE_SET}"]},
+                     baselines.DESCRIPTIONS)
+    with pytest.raises(ValueError, match="lacks"):
+        rep.add_rows({f"random2 / {FAKE_SET}": {"cIoU": 0.1}}, {"random2": "x"})
 
 
 def test_report_errors(fake_set, tmp_path):
@@ -310,6 +388,78 @@ def test_two_checkpoints_side_by_side(tiny_run, tmp_path):
     first = [float(v) for v in re.findall(r"<b>marginnce/model</b><br>cIoU ([0-9.]+)", html)]
     values = sorted(first, reverse=True)
     assert first[:3] == values[:3] and first[-3:] == sorted(first[-3:])
+
+
+def test_report_table_holds_every_printed_row(tiny_run, tmp_path, capsys):
+    """issue 16 item 4: with baselines, report.html's table holds every row the evaluation
+    printed (the model, centre, random, oracle, untrained), each described, none blank."""
+    data_dir, dirs = tiny_run
+    out = tmp_path / "eval"
+    summaries = evaluate.main(tiny_config(data_dir), dirs[:1], report=True, baselines=True,
+                              out=str(out))
+    printed = capsys.readouterr().out
+    labels = [k for k in summaries if k != "gap_closed"]
+    assert len(labels) == 5
+    table = table_rows((out / "report.html").read_text(), "metrics")
+    assert sorted(f"{row[0]} / {row[2]}" for row in table[1:]) == sorted(labels)
+    for row in table[1:]:
+        assert f"{row[0]} / {row[2]}" in printed
+        assert all(cell.strip() for cell in row)
+        summary = summaries[f"{row[0]} / {row[2]}"]
+        assert row[5:] == [f"{100 * summary[k]:.2f}" for k in ("cIoU", "AUC", "mean_cIoU")]
+    described = {row[0]: row[1] for row in table[1:]}
+    for kind in ("center", "random", "oracle"):
+        assert described[kind] == baselines.DESCRIPTIONS[kind]
+    assert described["untrained"].startswith(baselines.DESCRIPTIONS["untrained"])
+    model = labels[0].split(" / ")[0]
+    assert model == "model" and described[model] == summaries[labels[0]]["checkpoint"] != ""
+
+
+@pytest.mark.parametrize("variant", ["slavc", "exact"])
+def test_evaluator_scores_the_extended_evaluation(tiny_run, fake_set, variant):
+    """Evaluator.run on a set with non-sounding pairs (the hand-made records under a Flickr
+    name: one box each, a 0.5-weighted consensus map): boxes per sample and ground-truth
+    areas collected per sample, the configured variant's extended metrics in the summary,
+    named there and in the protocol variant; the headline metrics on the sounding samples."""
+    data_dir, dirs = tiny_run
+    records, _ = fake_set
+    config = tiny_config(data_dir)
+    config.eval.extended = variant
+    mesh = sharding.make_mesh(8)
+    scorer = evaluator.Evaluator(config, mesh)
+    result = scorer.run(load.load_model(dirs[0], mesh=mesh), records,
+                        "flickr_soundnet/test_plus_silent")
+    np.testing.assert_array_equal(result.num_boxes, [1] * 12 + [0] * 3)
+    # SLAVC's area is sum(gt) (half of the box here), the exact variant's the pixel count.
+    box = 120.0 * 130.0
+    np.testing.assert_array_equal(result.areas, [box / 2 if variant == "slavc" else box] * 12
+                                  + [0.0] * 3)
+    s = result.summary
+    assert s["protocol_variant"]["extended_variant"] == variant
+    assert s["extended"] == {"variant": variant, **metrics.extended_metrics(
+        result.cious["av"], result.confidence, result.num_boxes, result.areas, variant=variant)}
+    # 7,800 px is "medium", 15,600 px "large".
+    assert set(s["extended"]) == {"variant", "all", "visible",
+                                  "medium" if variant == "slavc" else "large"}
+    assert s["N"] == 12 and s["N_non_sounding"] == 3 and "AP" not in s
+    assert s["cIoU"] == metrics.summarize(result.cious["av"][:12])["cIoU"]
+    table = evaluate.metrics_table({"m / set": s})
+    assert f"extended ({variant}, all): AP@50" in table and f"extended {variant}" in table
+
+
+def test_evaluator_options_are_checked(tiny_run):
+    config = tiny_config(tiny_run[0])
+    assert evaluator.parse_threshold("adaptive") == "adaptive"
+    mesh = sharding.make_mesh(8)
+    for field, value in (("extended", "sklearn"), ("ogl_fusion", "mean")):
+        bad = tiny_config(tiny_run[0])
+        bad.eval[field] = value
+        with pytest.raises(ValueError, match=f"eval.{field} must be one of"):
+            evaluator.Evaluator(bad, mesh)
+    # The defaults: the protocol's rules, SLAVC's extended evaluator, no OGL (no fusion).
+    variant = evaluator.Evaluator(config, mesh).variant()
+    assert (variant["prediction_threshold"], variant["upsample"], variant["extended_variant"],
+            variant["ogl_fusion"]) == ("median_ge", "bilinear_align_corners", "slavc", None)
 
 
 def test_report_maps_score_as_the_evaluation(tiny_run, tmp_path):

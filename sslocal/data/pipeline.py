@@ -246,6 +246,7 @@ class _EvalBatch:
                                       size=MAP_SIZE),
             "mask": np.array([r["mask"] for r in records], bool),
             "sounding": np.array([r["sounding"] for r in records], bool),
+            "num_boxes": np.array([len(r["boxes"]) for r in records], np.int64),
             "index": np.array([r["index"] for r in records], np.int64),
             "id": np.array([r["id"] for r in records], dtype=str),
         }
@@ -256,7 +257,8 @@ def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
                 process_count: int | None = None, test_resize: str = "squash",
                 num_threads: int = 4) -> grain.DatasetIterator:
     """Host-local evaluation batches {"image" uint8 (b, S, S, 3), "spec" float16 (b, 257, 200,
-    1), "gt_map" f32 (b, 224, 224), "mask" bool, "sounding" bool, "index" int64, "id" str},
+    1), "gt_map" f32 (b, 224, 224), "mask" bool, "sounding" bool, "num_boxes" int, "index"
+    int64, "id" str},
     b = global_batch_size / process_count; `model_inputs` turns image and spec into the
     model's inputs.
 
