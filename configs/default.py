@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     # bilinear_align_corners (reference) | bilinear | bicubic | bicubic_align_corners (SLAVC)
     config.eval.upsample = "bilinear_align_corners"
     config.eval.extended = "slavc"  # *_plus_silent sets: slavc (SLAVC's evaluator) | exact
+    config.eval.ids_file = ""  # a list of clip ids: evaluate on that subset of each test set
     config.eval.report = False
     config.eval.baselines = False  # also score centre / random / oracle maps, untrained model
     config.log_every_steps = 50

@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               ("config", "workdir", "coordinator_address", "num_processes", "process_id")),
     "evaluate": ("sslocal evaluate --config FILE --checkpoint PATH [--checkpoint PATH ...]",
                  "score workdirs, model directories or PyTorch files on the config's test sets",
-                 ("config", "checkpoint", "dataset", "ogl", "report", "baselines", "out")),
+                 ("config", "checkpoint", "dataset", "ids", "ogl", "report", "baselines",
+                  "out")),
     "prepare": ("sslocal prepare --dataset NAME/CONFIG --root DIR [--data_dir DIR]",
                 "build a dataset's ArrayRecord files once, with a manifest of what was missing",
                 ("dataset", "root", "data_dir", "overwrite", "config")),
@@ -59,6 +60,8 @@ flags.DEFINE_string("dataset", None, "prepare/evaluate/benchmark input: TFDS nam
 flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
 flags.DEFINE_string("data_dir", None, "prepare: where TFDS datasets live (default: config's)")
 flags.DEFINE_bool("overwrite", False, "prepare: rebuild a dataset that is already prepared")
+flags.DEFINE_string("ids", None, "evaluate: a file of clip ids (one a line): score that subset "
+                    "of each test set (named in every result)")
 flags.DEFINE_string("video", None, "localize: a video file")
 flags.DEFINE_string("image", None, "localize: an image file (with --audio)")
 flags.DEFINE_string("audio", None, "localize: an audio file (with --image)")
@@ -103,7 +106,8 @@ def _dispatch(command: str, args: list[str]) -> None:
         from sslocal import evaluate
 
         evaluate.main(_config(), _require("checkpoint"), ogl=FLAGS.ogl, report=FLAGS.report,
-                      out=FLAGS.out, dataset=FLAGS.dataset, baselines=FLAGS.baselines)
+                      out=FLAGS.out, dataset=FLAGS.dataset, baselines=FLAGS.baselines,
+                      ids=FLAGS.ids)
     elif command == "prepare":
         from sslocal.data import prepare
 

@@ -68,7 +68,8 @@ def write_results(out: Path, label: str, result: EvalResult) -> Path:
     per_sample = {"label": label, "test_set": result.name,
                   "protocol_variant": result.summary.get("protocol_variant"),
                   "checkpoint": result.summary.get("checkpoint"),
-                  "ids": result.ids, "sounding": result.sounding.tolist(),
+                  "test_subset": result.summary.get("test_subset"), "ids": result.ids,
+                  "sounding": result.sounding.tolist(),
                   "confidence": result.confidence.tolist(),
                   "num_boxes": result.num_boxes.tolist(),
                   "area": None if result.areas is None else result.areas.tolist(),
@@ -104,7 +105,8 @@ def untrained_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
 def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedModel]],
                     sources: dict[str, Any], out_dir: str | Path, *, report: bool = False,
-                    baselines: bool = False) -> dict[str, dict]:
+                    baselines: bool = False, subsets: dict[str, dict] | None = None
+                    ) -> dict[str, dict]:
     """Every model on every test set: the table (printed), metrics.json and per_sample/ in
     out_dir and, with `report`, report.html (the models side by side). With `baselines`, also
     the centre prior, a random map, the oracle and the untrained model (sslocal.baselines), and
@@ -127,6 +129,8 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
         for name, source in sources.items():
             result = evaluator.run(model, source, name)
             result.summary["checkpoint"] = model.description
+            if subsets and name in subsets:
+                result.summary["test_subset"] = subsets[name]
             results[name], summaries[f"{label} / {name}"] = result, result.summary
             if is_main:
                 write_results(out_dir, f"{label} / {name}", result)
@@ -134,6 +138,10 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
             collector.add_model(label, results, functools.partial(evaluator.maps, model))
     if baselines:
         rows = _baseline_rows(evaluator, sources, collector)
+        for label, row in rows.items():
+            name = label.split(" / ", 1)[1]
+            if subsets and name in subsets:
+                row["test_subset"] = subsets[name]
         summaries.update(rows)
         summaries["gap_closed"] = _gap_closed(summaries, labels, sources)
         if collector is not None:  # report.html's table holds every row printed below
@@ -155,9 +163,11 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
 
 def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool = False,
          report: bool = False, out: str | None = None, dataset: str | None = None,
-         baselines: bool = False) -> dict:
+         baselines: bool = False, ids: str | None = None) -> dict:
     """`sslocal evaluate`: every checkpoint (workdir, model directory or PyTorch file) on every
-    test set of the config (or `dataset`), at the frame size each model was trained at."""
+    test set of the config (or `dataset`), at the frame size each model was trained at. `ids`
+    (or config.eval.ids_file): a list file restricting the test sets to its clips (a named
+    test subset, recorded in every result; the ids a set lacks are printed and recorded)."""
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     mesh = sharding.make_mesh()
@@ -165,13 +175,23 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
     names = [dataset] if dataset else list(config.test_datasets)
     data_dir = os.path.expanduser(config.data_dir)
     sources = {name: data_prepare.load_split(name, "test", data_dir) for name in names}
+    subsets = {}
+    if ids or config.eval.ids_file:
+        for name in names:
+            sources[name], subsets[name] = data_prepare.restrict_to_ids(
+                sources[name], ids or config.eval.ids_file, name)
+            info = subsets[name]
+            if info["N_missing"] and jax.process_index() == 0:
+                print(f"{name}: {info['N_missing']} of the {info['size']} ids of {info['name']} "
+                      f"are not in the prepared set (listed in metrics.json): "
+                      f"{', '.join(info['missing'][:5])}{' ...' if info['N_missing'] > 5 else ''}")
     for checkpoint in checkpoints:  # a missing path fails before any model loads
         if not Path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     models = ((label, load.load_model(checkpoint, mesh=mesh))
               for checkpoint, label in zip(checkpoints, model_labels(checkpoints), strict=True))
     return evaluate_models(evaluator, models, sources, out or default_out(checkpoints[0]),
-                           report=report, baselines=baselines)
+                           report=report, baselines=baselines, subsets=subsets)
 
 
 def default_out(checkpoint: str | Path) -> Path:

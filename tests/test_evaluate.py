@@ -284,3 +284,24 @@ def test_untrained_baseline_does_not_depend_on_the_checkpoints(model_dir, data_d
         rows.append(summaries[f"untrained / {DATASET}"])
     assert rows[0]["cIoU"] == rows[1]["cIoU"] and rows[0]["AUC"] == rows[1]["AUC"]
     assert rows[0]["checkpoint"] == f"config.model initialised with seed {config.seed}"
+
+
+def test_a_named_test_subset_is_scored_recorded_and_its_missing_ids_reported(
+        model_dir, data_dir, source, result8, tmp_path, capsys):
+    chosen = [record_id(source[i]) for i in (7, 2, 11)]
+    ids_file = tmp_path / "subset_3.txt"
+    ids_file.write_text("\n".join([*chosen, "not_in_the_set", chosen[0]]) + "\n")
+    summaries = evaluate.main(tiny_config(data_dir), [str(model_dir)], ids=str(ids_file),
+                              out=str(tmp_path / "out"))
+    (summary,) = summaries.values()
+    assert summary["N"] == 3
+    subset = summary["test_subset"]
+    assert (subset["name"], subset["size"], subset["N_found"]) == ("subset_3.txt", 4, 3)
+    assert subset["missing"] == ["not_in_the_set"] and len(subset["sha256"]) == 64
+    assert "1 of the 4 ids of subset_3.txt are not in the prepared set" in capsys.readouterr().out
+    (per_sample_file,) = (tmp_path / "out" / "per_sample").glob("*.json")
+    per_sample = json.loads(per_sample_file.read_text())
+    assert per_sample["ids"] == chosen and per_sample["test_subset"]["sha256"] == subset["sha256"]
+    np.testing.assert_array_equal(per_sample["cIoU_av"], result8.cious["av"][[7, 2, 11]])
+    with pytest.raises(FileNotFoundError, match="test id list not found"):
+        evaluate.main(tiny_config(data_dir), [str(model_dir)], ids=str(tmp_path / "none.txt"))

@@ -9,10 +9,12 @@ found, missing (which file), unreadable (the error) and written, per split.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -120,3 +122,43 @@ def image_size(dataset: str) -> int:
     """S, the frame size the dataset's frames are stored for."""
     cls, config = builders.parse_dataset(dataset)
     return next(c.image_size for c in cls.BUILDER_CONFIGS if c.name == config)
+
+
+class SubsetSource:
+    """A prepared split restricted to some of its records, in the given order (random access
+    like the tfds source it wraps)."""
+
+    def __init__(self, source: Any, indices: list[int]):
+        self.source, self.indices = source, list(indices)
+        self.dataset_info = source.dataset_info
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.source[self.indices[i]]
+
+
+def restrict_to_ids(source: Any, ids_file: str | os.PathLike, dataset: str
+                    ) -> tuple[SubsetSource, dict[str, Any]]:
+    """A test set restricted to the clip ids of a list file (one id a line; a csv's first
+    column), e.g. the 4,911- or 4,654-clip VGG-SS subsets of later papers. Returns the subset
+    and what every result file records: the list's name, path, size and sha256, how many of
+    its ids the prepared set holds, and every id it lacks (never dropped silently)."""
+    path = Path(ids_file).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"test id list not found: {path}")
+    raw = path.read_bytes()
+    listed = [line.split(",")[0].strip() for line in raw.decode("utf-8").splitlines()]
+    listed = list(dict.fromkeys(i for i in listed if i))  # order kept, duplicates once
+    from sslocal.data.pipeline import record_id
+
+    position = {record_id(source[i]): i for i in range(len(source))}
+    missing = [i for i in listed if i not in position]
+    indices = [position[i] for i in listed if i in position]
+    if not indices:
+        raise ValueError(f"none of the {len(listed)} ids of {path} is in the prepared {dataset}")
+    info = {"name": path.name, "path": str(path.absolute()), "size": len(listed),
+            "sha256": hashlib.sha256(raw).hexdigest(), "N_found": len(indices),
+            "N_missing": len(missing), "missing": missing}
+    return SubsetSource(source, indices), info
