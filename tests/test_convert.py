@@ -115,28 +115,40 @@ def test_reference_model_parity(reference_file):
 
 
 def test_train_mode_batchnorm_matches_torch(small_resnet_state):
-    """Train-mode outputs agree, and the running statistics follow PyTorch momentum 0.1."""
+    """Train-mode outputs agree, and after three train-mode steps every running mean and
+    running variance (PyTorch momentum 0.1, the unbiased batch variance) equals torch's; the
+    eval-mode outputs on those statistics agree too."""
     torch_model = TorchResNet18(3, 8)
     torch_model.load_state_dict(small_resnet_state)
     torch_model.train()
     model = nnx.eval_shape(lambda: ResNet18(width=8, rngs=nnx.Rngs(0)))
     load_into(model, resnet18_state(small_resnet_state)[0])
     model.train()
-    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(7))
-    old_mean = small_resnet_state["bn1.running_mean"].numpy().copy()
-    old_var = small_resnet_state["bn1.running_var"].numpy().copy()
+    g = torch.Generator().manual_seed(7)
+    for step in range(3):
+        # Batch 4 at 64 px: layer4 reduces n = 4 * 2 * 2 = 16 values per channel, where the
+        # unbiased variance is 16 / 15 of the biased one.
+        x = 1.5 * torch.randn(4, 3, 64, 64, generator=g) + 0.3
+        with torch.no_grad():
+            ref = torch_model.features(x).permute(0, 2, 3, 1).numpy()
+        out = forward(model, nhwc(x))
+        assert rel_err(out, ref) < RTOL, step
+    ours = {".".join(map(str, p)): np.asarray(v[...])
+            for p, v in nnx.to_flat_state(nnx.state(model, nnx.BatchStat))}
+    theirs = torch_model.state_dict()
+    assert len(ours) == 40
+    for name, value in ours.items():
+        torch_name = name.replace(".mean", ".running_mean").replace(".var", ".running_var")
+        expected = theirs[torch_name].numpy()
+        # Flax's biased update would be off by 0.3 * 0.1 / 15 = 0.2% of layer4's variances.
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not np.allclose(expected, small_resnet_state[torch_name].numpy()), name
+    torch_model.eval()
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, generator=g)
     with torch.no_grad():
         ref = torch_model.features(x).permute(0, 2, 3, 1).numpy()
-    out = forward(model, nhwc(x))
-    assert rel_err(out, ref) < RTOL
-    new_mean = torch_model.bn1.running_mean.numpy()
-    np.testing.assert_allclose(np.asarray(model.bn1.mean[...]), new_mean, rtol=1e-4, atol=1e-6)
-    # PyTorch updates running_var with the unbiased batch variance, Flax with the biased one.
-    n = 4 * 32 * 32
-    torch_var = torch_model.bn1.running_var.numpy()
-    expected = 0.9 * old_var + (torch_var - 0.9 * old_var) * (n - 1) / n
-    np.testing.assert_allclose(np.asarray(model.bn1.var[...]), expected, rtol=1e-4)
-    assert not np.allclose(new_mean, old_mean)
+    assert rel_err(forward(model, nhwc(x)), ref) < RTOL
 
 
 # ---------------------------------------------------------------- formats and layout

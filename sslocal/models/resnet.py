@@ -40,9 +40,84 @@ def bn_scale_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     return 1.0 + 0.02 * _normal(key, shape, dtype)
 
 
-def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+class BatchNorm(nnx.BatchNorm):
+    """nnx.BatchNorm with PyTorch's running statistics (torch.nn.BatchNorm2d, protocol 2).
+
+    Train mode normalises with the batch mean and the biased batch variance (as both libraries
+    do) and updates running = momentum * running + (1 - momentum) * batch statistic, where the
+    running variance takes the unbiased batch variance n / (n - 1) * var, n the number of
+    values reduced per channel (Flax would take the biased one). n counts the whole array the
+    statistics are computed on: the global batch under jit on a sharded mesh, and every device
+    of `axis_name` when the statistics are all-reduced by name (shard_map / pmap, with
+    `axis_index_groups` when given); with a `mask`, the unmasked values. For n = 1, where
+    PyTorch raises, the (zero) variance is taken as it is.
+
+    Eval mode is nnx.BatchNorm's. The variables (scale, bias, mean, var) and every option are
+    nnx.BatchNorm's, so checkpoints and the PyTorch converter are unchanged.
+    """
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        if use_running_average is None:
+            raise ValueError("BatchNorm needs use_running_average: call model.train() or "
+                             "model.eval() first")
+        if use_running_average:
+            return super().__call__(x, use_running_average=True, mask=mask)
+
+        axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        feature_axes = {a % x.ndim for a in axes}
+        reduce = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, _, _, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+        # Statistics in at least float32, as nnx.BatchNorm computes them.
+        stats_dtype = jnp.promote_types(self.dtype or x.dtype, jnp.float32)
+        xs = x.astype(stats_dtype)
+
+        def all_mean(*values):
+            means = [v.mean(reduce, where=mask) for v in values]
+            if self.axis_name is not None:
+                means = [jax.lax.pmean(m, self.axis_name, axis_index_groups=self.axis_index_groups)
+                         for m in means]
+            return means
+
+        if self.use_fast_variance:
+            mean, mean_sq = all_mean(xs, xs * xs)
+            var = jnp.maximum(0.0, mean_sq - mean * mean)
+        else:
+            (mean,) = all_mean(xs)
+            (var,) = all_mean(jnp.square(xs - jnp.expand_dims(mean, reduce)))
+
+        if mask is None:
+            n = jnp.asarray(math.prod(x.shape[i] for i in reduce), stats_dtype)
+        else:
+            n = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduce, dtype=stats_dtype)
+        if self.axis_name is not None:
+            n = jax.lax.psum(n, self.axis_name, axis_index_groups=self.axis_index_groups)
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        momentum = self.momentum
+        self.mean[...] = jax.lax.stop_gradient(momentum * self.mean[...] + (1 - momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(momentum * self.var[...] + (1 - momentum) * unbiased)
+
+        shape = [1] * x.ndim
+        for i in feature_axes:
+            shape[i] = x.shape[i]
+        mul = jax.lax.rsqrt(var + self.epsilon)
+        if scale is not None:
+            mul = mul * scale.reshape(mul.shape)
+        y = (x - mean.reshape(shape)) * mul.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        out_dtype = self.dtype or jnp.result_type(*(a for a in (x, scale, bias) if a is not None))
+        return y.astype(out_dtype)
+
+
+def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
     # Flax momentum 0.9 == PyTorch momentum 0.1.
-    return nnx.BatchNorm(
+    return BatchNorm(
         features,
         momentum=0.9,
         epsilon=1e-5,
