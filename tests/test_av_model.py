@@ -137,3 +137,20 @@ def test_audio_pool_averages_the_spectrogram_first():
     by_hand = spec.reshape(2, 32, 2, 24, 2, 1).mean(axis=(2, 4))  # 2 x 2 means, in numpy
     np.testing.assert_allclose(pooled.encode_audio(jnp.asarray(spec)),
                                plain.encode_audio(jnp.asarray(by_hand)), rtol=1e-5, atol=1e-6)
+
+
+def test_the_towers_numerics_are_stated_in_the_program(model):
+    """Lowered under the suite's global "highest": the convolutions still carry the default
+    precision (TF32 allowed on a GPU, as PyTorch allows for cuDNN) and the dense projection
+    HIGHEST (PyTorch's matmuls are full float32): both are passed explicitly, not inherited."""
+    assert jax.config.values["jax_default_matmul_precision"] == "highest"
+    images = jnp.zeros((2, 64, 64, 3), jnp.float32)
+    specs = jnp.zeros((2, 257, 200, 1), jnp.float32)
+    graphdef, state = nnx.split(model)
+    hlo = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y)).lower(
+        state, images, specs).as_text(dialect="hlo")
+    convs = [ln for ln in hlo.splitlines() if " convolution(" in ln]
+    dots = [ln for ln in hlo.splitlines() if " dot(" in ln]
+    assert len(convs) == 2 * 20 + 1  # both ResNet18 trunks and img_proj
+    assert not any("operand_precision" in ln for ln in convs)
+    assert len(dots) == 1 and "operand_precision={highest,highest}" in dots[0]

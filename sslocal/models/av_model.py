@@ -12,9 +12,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sslocal.models.resnet import ResNet18, conv_init, jit_init
+from sslocal.models.resnet import CONV_PRECISION, ResNet18, conv_init, jit_init
 
 _TRUNC_STD = 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
+# The dense projection is a matmul, which PyTorch runs in full float32 by default
+# (torch.backends.cuda.matmul.allow_tf32 = False): HIGHEST, so no TF32 pass on a GPU.
+DENSE_PRECISION = jax.lax.Precision.HIGHEST
 
 
 @jit_init
@@ -62,11 +65,12 @@ class AudioVisualModel(nnx.Module):
         feat = 8 * width
         self.imgnet = ResNet18(in_channels=3, width=width, dtype=dtype,
                                output_stride=image_stride, rngs=rngs)
-        self.img_proj = nnx.Conv(
+        self.img_proj = nnx.Conv(  # a 1 x 1 convolution, as in PyTorch: CONV_PRECISION
             feat,
             embed_dim,
             (1, 1),
             use_bias=True,
+            precision=CONV_PRECISION,
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=conv_init,
@@ -76,6 +80,7 @@ class AudioVisualModel(nnx.Module):
         self.aud_proj = nnx.Linear(
             feat,
             embed_dim,
+            precision=DENSE_PRECISION,
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=dense_init,

@@ -128,6 +128,13 @@ def batch_norm(features: int, dtype, rngs: nnx.Rngs) -> BatchNorm:
     )
 
 
+# Stated numerics (docs/protocol.md section 8): the towers' convolutions run at the default
+# precision, which lets a GPU use TF32 tensor cores for float32 models, as PyTorch allows for
+# cuDNN convolutions by default (torch.backends.cudnn.allow_tf32). Passed explicitly, so a
+# global jax_default_matmul_precision does not change the towers.
+CONV_PRECISION = jax.lax.Precision.DEFAULT
+
+
 def conv(in_ch: int, out_ch: int, k: int, stride: int, pad: int, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     # Explicit symmetric padding as in torch; 'SAME' would pad asymmetrically at stride 2.
     return nnx.Conv(
@@ -137,6 +144,7 @@ def conv(in_ch: int, out_ch: int, k: int, stride: int, pad: int, dtype, rngs: nn
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
         use_bias=False,
+        precision=CONV_PRECISION,
         dtype=dtype,
         param_dtype=jnp.float32,
         kernel_init=conv_init,
