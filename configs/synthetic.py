@@ -34,10 +34,10 @@ def get_config():
     config.batch_size = 64
     config.eval_batch_size = 64
     config.learning_rate = 1e-3
-    # Cosine decay to 0 over the 6 epochs: the last epoch is the best and stable (a constant
+    # Cosine decay to 0 over the 10 epochs: the last epoch is the best and stable (a constant
     # rate left the last epochs swinging by several points from one processor to another).
     config.lr_schedule = "cosine"
-    config.num_epochs = 6
+    config.num_epochs = 10
     config.log_every_steps = 16
     config.checkpoint_every_steps = 64
     config.eval.report = True
