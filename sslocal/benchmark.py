@@ -264,7 +264,8 @@ def _add_rates(result: dict[str, Any], samples_per_second: float, config) -> Non
 def _setup_step(config, num_devices, count: Callable[[], None] | None = None):
     mesh = sharding.make_mesh(resolve_num_devices(num_devices))
     train.validate_config(config, mesh)
-    tx = train.make_optimizer(config)
+    # A schedule's value does not change the step's cost: any run length will do.
+    tx = train.make_optimizer(config, total_steps=1_000_000)
     graphdef, state = train.create_train_state(config, mesh, tx)
     loss_fn = train.loss_from_config(config)
 

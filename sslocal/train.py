@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import flax
@@ -27,7 +26,7 @@ from sslocal.data import prepare as data_prepare
 from sslocal.evaluator import Evaluator
 from sslocal.models import factory, load
 from sslocal.protocol import TRAIN_SCALE
-from sslocal.writers import MetricWriter, progress
+from sslocal.writers import MetricWriter, append_text, as_path, check_paths, progress
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     if config.model.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be float32 or bfloat16, not {config.model.dtype!r}")
     factory.check_weights_files(config.model)
-    ogl_weights = Path(config.eval.ogl_weights).expanduser() if config.eval.ogl_weights else None
+    ogl_weights = as_path(config.eval.ogl_weights) if config.eval.ogl_weights else None
     if config.eval.ogl and (ogl_weights is None or not ogl_weights.is_file()):
         raise FileNotFoundError(f"eval.ogl_weights: no file {ogl_weights}; "
                                 f"{factory.TORCHVISION_HINT}")
@@ -167,7 +166,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 def check_frame_size(source: Any, dataset: str, image_size: int) -> None:
     """Training crops image_size px squares of the stored frames: they must be stored for that
     size (a smaller size would silently train on small crops of the frame)."""
-    stored = source.dataset_info.metadata.get("image_size")
+    info = getattr(source, "dataset_info", None)  # a prepared split; other sources say nothing
+    stored = info.metadata.get("image_size") if info is not None else None
     if stored is not None and int(stored) != image_size:
         raise ValueError(
             f"{dataset} is prepared for {stored} px frames (stored with the shorter side "
@@ -193,12 +193,13 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(workdir: str | Path, config: ml_collections.ConfigDict) -> dict | None:
+def resume_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
+                   ) -> dict | None:
     """None when `workdir` holds no run yet; otherwise {"step": the checkpoint to resume,
     "changed": {field: [the run's value, this config's]}}. Raises ValueError, before anything
     is written, when a changed field is one of RUN_IDENTITY (the checkpoints would not fit, or
     would mean another run)."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     step = checkpointing.latest_saved_step(workdir)
     record = workdir / checkpointing.CONFIG_JSON
     if step is None or not record.is_file():
@@ -249,20 +250,24 @@ class PreemptionWatch:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
     """Trains per `config`, evaluating each epoch; resumes from `workdir` when it holds a run.
 
-    Returns the last evaluation's metrics (and the best's, if evaluation ran). Caps glibc's
-    malloc arenas for this process first (see host_memory), so that a long run's host memory
-    stays flat.
+    `workdir` and config.data_dir may be local folders or gs:// URLs (a missing `gcs` extra
+    fails first, in one line). Returns the last evaluation's metrics (and the best's, if
+    evaluation ran). Caps glibc's malloc arenas for this process first (see host_memory), so
+    that a long run's host memory stays flat.
     """
+    check_paths(workdir, config.data_dir, config.model.image_pretrained,
+                config.eval.ogl_weights)
     host_memory.limit_malloc_arenas()  # before the threads (XLA, Grain, Orbax) that use them
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     mesh = sharding.make_mesh()
     validate_config(config, mesh)
     is_main = jax.process_index() == 0
 
-    data_dir = os.path.expanduser(config.data_dir)
+    data_dir = os.fspath(as_path(config.data_dir)) if config.data_dir else None
     train_source = data_prepare.load_split(config.train_dataset, "train", data_dir,
                                            root=config.data_root or None)
     steps_per_epoch = len(train_source) // config.batch_size
@@ -289,8 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                            changes["step"], ", ".join(
                                f"{k} {old!r} -> {new!r}"
                                for k, (old, new) in changes["changed"].items()))
-            with open(workdir / CONFIG_CHANGES, "a", encoding="utf-8") as f:
-                f.write(json.dumps(changes) + "\n")
+            append_text(workdir / CONFIG_CHANGES, json.dumps(changes) + "\n")
 
     tx = make_optimizer(config, total_steps)
     graphdef, state = create_train_state(config, mesh, tx)

@@ -295,7 +295,8 @@ def trained(tmp_path_factory):
     overrides = {"data_dir": root / "data",
                  "image_size": synthetic.PRESETS[TRAIN_PRESET].image_size,
                  "model.width": WIDTH, "model.embed_dim": 32, "batch_size": 16,
-                 "eval_batch_size": 16, "learning_rate": 1e-3, "num_epochs": 1000,
+                 "eval_batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "constant",
+                 "num_epochs": 1000,
                  "max_steps": TRAIN_STEPS, "eval.report": False, "eval.baselines": False,
                  "log_every_steps": 10_000, "checkpoint_every_steps": 10_000}
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
