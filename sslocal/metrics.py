@@ -417,3 +417,334 @@ def protocol_variant(
 
 
 PROTOCOL_VARIANT = protocol_variant()
+
+
+# -- the benchmarks since 2023 (docs/protocol.md section 9) -------------------------------------
+
+IIOU_THRESHOLD = 0.5
+MASK_VARIANTS = ("frames", "sslalignment", "per_batch")
+MASK_FSCORE_INPUTS = ("binarised", "map")
+FSCORE_BETA2 = 0.3
+# torch.linspace(0, 1 - 1e-10, 255) of the F-measure code (AVSBench, SSLalignment), in float64.
+FSCORE_THRESHOLDS = np.linspace(0.0, 1.0 - 1e-10, 255)
+MASK_IOU_EPS = 1e-7  # inter / (union + 1e-7), as AVSBench's and SSLalignment's mask_iou
+_PR_EPS = 1e-20  # tp / (count + 1e-20), as their _eval_pr
+SSLALIGNMENT_BATCH = 64  # SSLalignment's test.py --batch_size default
+RETRIEVAL_POOLINGS = ("mean", "max")
+
+
+def image_min_ciou(cious, image_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct image ids sorted, each image's minimum cIoU over its samples, each image's
+    number of samples). One sample per (image, source) pair, each scored with its own audio."""
+    c = np.asarray(cious, dtype=np.float64).reshape(-1)
+    ids = np.asarray(image_ids).reshape(-1)
+    if c.size != ids.size:
+        raise ValueError(f"lengths differ: cious {c.size}, image_ids {ids.size}")
+    if c.size == 0:
+        raise ValueError("no cIoU values")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("cious hold non-finite values")
+    names, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    mins = np.full(names.size, np.inf)
+    np.minimum.at(mins, inverse.reshape(-1), c)
+    return names, mins, counts
+
+
+def iiou_iauc(cious, image_ids, thresholds=AUC_THRESHOLDS) -> dict:
+    """IS3's interactive metrics (docs/protocol.md section 9), as kaistmm/SSLalignment's
+    utils.py `Evaluator_iiou` computes them (finalize_cIoU, finalize_IAUC):
+
+    - an image succeeds at t when every one of its sources, each queried with its own audio,
+      has cIoU >= t: its minimum cIoU over its sources is >= t (SSLalignment binarises each
+      source's cIoU at t and takes the minimum; the same thing);
+    - "iIoU" = the fraction of images whose minimum cIoU >= 0.5;
+    - "iAUC" = the trapezoidal area (sklearn.metrics.auc) under the fraction of images
+      succeeding at t, t = 0.05 * i for i = 0..20 (AUC_THRESHOLDS, equal to SSLalignment's
+      [0.05 * i for i in range(21)] value for value).
+
+    cious: one per sample, computed with any threshold rule (`ciou`; SSLalignment's are
+    "median_gt" and "adaptive"); image_ids: each sample's image (the IS3 builder's
+    "image_id", SSLalignment's short_name). Every sample present counts, as in SSLalignment:
+    an image with one of its pairs missing is scored on the other ("sources" reports how many
+    images have how many samples). Returns {"iIoU", "iAUC", "N_images", "N", "sources"}.
+    """
+    _, mins, counts = image_min_ciou(cious, image_ids)
+    t = np.asarray(thresholds, dtype=np.float64)
+    success = np.mean(mins[None, :] >= t[:, None], axis=1)
+    sizes, how_many = np.unique(counts, return_counts=True)
+    return {"iIoU": float(np.mean(mins >= IIOU_THRESHOLD)), "iAUC": _trapezoid(t, success),
+            "N_images": int(mins.size), "N": int(np.sum(counts)),
+            "sources": {int(s): int(n) for s, n in zip(sizes, how_many, strict=True)}}
+
+
+def _binary_masks(masks, shape) -> np.ndarray:
+    m = np.asarray(masks)
+    if m.shape != shape:
+        raise ValueError(f"expected masks of shape {shape} (as the maps), got {m.shape}")
+    if m.dtype != bool:
+        if not np.all((m == 0) | (m == 1)):
+            raise ValueError("masks must be binary (0 / 1 or bool)")
+        m = m != 0
+    return m
+
+
+def _counts_at_thresholds(values: np.ndarray, gt: np.ndarray, thresholds: np.ndarray):
+    """For each row and threshold th_j: #(values >= th_j) and #(values >= th_j and gt),
+    (B, T) int64. Each value's bin = the number of thresholds <= it; a value counts at th_j
+    exactly when j < its bin, so the counts are reversed cumulative histograms."""
+    n_t = thresholds.size
+    bins = np.searchsorted(thresholds, values, side="right")  # (B, P) in [0, T]
+    rows = np.arange(values.shape[0])[:, None] * (n_t + 1)
+    flat = (bins + rows).reshape(-1)
+    size = values.shape[0] * (n_t + 1)
+    hist = np.bincount(flat, minlength=size).reshape(-1, n_t + 1)
+    hist_tp = np.bincount(flat, weights=gt.reshape(-1).astype(np.float64),
+                          minlength=size).reshape(-1, n_t + 1)
+    # count(bin > j) for j = 0..T-1: the sum of hist[:, j + 1:].
+    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    above_tp = np.cumsum(hist_tp[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return above.astype(np.int64), np.rint(above_tp).astype(np.int64)
+
+
+def _batch_means(values: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.array([values[i : i + batch_size].mean()
+                     for i in range(0, values.size, batch_size)], dtype=np.float64)
+
+
+def mask_miou_fscore(pred_maps, masks, *, threshold="median_gt", variant: str = "frames",
+                     batch_size: int = SSLALIGNMENT_BATCH, fscore_input: str = "binarised",
+                     eps: float = MASK_IOU_EPS) -> dict:
+    """AVSBench S4 / MS3 as zero-shot localization (docs/protocol.md section 9): mIoU and the
+    F-score (beta^2 = 0.3) of localization maps against binary masks, as the alignment
+    work's evaluator computes them (kaistmm/SSLalignment utils.py `Evaluator_miou`, commit
+    59e9efd; the F-measure and mask IoU are AVSBench's utils/utility.py `Eval_Fmeasure`,
+    `mask_iou`, applied to the binarised map instead of sigmoid(logits)).
+
+    pred_maps: (B, H, W) maps of any scale; masks: (B, H, W) binary. Per frame:
+
+    - prediction b = map > thr (threshold "median_gt", the default and SSLalignment's:
+      thr = sorted(map)[H*W // 2], strict; "median_ge", "adaptive" (`ciou`'s rules: for an
+      empty mask |G| = H*W // 2, where SSLalignment's adaptive code takes (batch size) / 2, a
+      bug sslocal does not copy) or a number (map >= number) are the named alternatives);
+    - IoU = sum(b & m) / (sum(b | m) + eps), eps = 1e-7; a frame with an empty mask scores the
+      IoU of the background: sum(~b) / (H*W + eps);
+    - F-curve, frames with a non-empty mask only: at each of the 255 thresholds th_j =
+      linspace(0, 1 - 1e-10, 255), y = v >= th_j with v = b ("binarised", SSLalignment's: the
+      prediction binarised first, so every th_j > 0 gives b and th_0 = 0 the whole frame) or
+      v = the map itself ("map": AVSBench's thresholds of a [0, 1] prediction; pass maps in
+      [0, 1]); P = tp / (sum(y) + 1e-20), R = tp / (sum(m) + 1e-20), F = 1.3 P R / (0.3 P + R),
+      0 where that is 0 / 0.
+
+    variant (how frames are averaged; frames in the order given):
+
+    - "frames" (the default): mIoU = the mean IoU over frames; F = the maximum over the 255
+      thresholds of the F-curve averaged over frames (averaged first, maximised after);
+    - "sslalignment": SSLalignment's exact aggregation: mIoU = the mean over consecutive
+      batches of `batch_size` frames (test.py's 64) of each batch's mean IoU (finalize_mIoU:
+      sum of batch means / number of batches; differs from "frames" when the last batch is
+      short); F as "frames" (finalize_Fmeasure: max of the mean of per-frame curves);
+    - "per_batch": the older public computation (AVSBench's test.py with Eval_Fmeasure, and
+      SSLalignment's commented-out Eval_Fmeasure): per batch, F_batch = max over thresholds of
+      the batch's frame-averaged curve (0 for a batch without a non-empty mask), and the
+      reported F = the mean of F_batch over batches (a maximum per batch, then an average: the
+      known bug); mIoU as "sslalignment".
+
+    Returns {"mIoU", "F" (None without a non-empty mask), "N", "N_F" (frames with a non-empty
+    mask), "variant", "iou" (B,) per frame, "f_curve" (255,) the frames-averaged curve}.
+    """
+    if variant not in MASK_VARIANTS:
+        raise ValueError(f"unknown mask variant {variant!r}; choose one of {MASK_VARIANTS}")
+    if fscore_input not in MASK_FSCORE_INPUTS:
+        raise ValueError(f"unknown fscore_input {fscore_input!r}; choose one of "
+                         f"{MASK_FSCORE_INPUTS}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    pred = np.asarray(pred_maps)
+    if pred.ndim != 3 or pred.shape[0] == 0:
+        raise ValueError(f"expected maps (B, H, W) with B > 0, got shape {pred.shape}")
+    if not np.issubdtype(pred.dtype, np.floating):
+        pred = pred.astype(np.float64)
+    if not np.all(np.isfinite(pred)):
+        raise ValueError("pred_maps hold non-finite values")
+    m_all = _binary_masks(masks, pred.shape)
+    n, n_pixels = pred.shape[0], pred.shape[1] * pred.shape[2]
+    strict = isinstance(threshold, str) and threshold in ("median_gt", "adaptive")
+    iou = np.empty(n, dtype=np.float64)
+    f = np.zeros((n, FSCORE_THRESHOLDS.size), dtype=np.float64)
+    nonempty = m_all.reshape(n, -1).any(axis=1)
+    for start in range(0, n, 64):  # 64 frames: about 30 MB of temporaries at 224 x 224
+        flat = pred[start : start + 64].reshape(-1, n_pixels)
+        m = m_all[start : start + 64].reshape(flat.shape)
+        thr = _prediction_thresholds(flat, threshold, m)[:, None]
+        b = flat > thr if strict else flat >= thr
+        inter = np.count_nonzero(b & m, axis=1).astype(np.float64)
+        union = np.count_nonzero(b | m, axis=1).astype(np.float64)
+        empty = ~nonempty[start : start + 64]
+        inter = np.where(empty, np.count_nonzero(~b, axis=1), inter)
+        union = np.where(empty, n_pixels, union)
+        iou[start : start + len(flat)] = inter / (union + eps)
+        values = b.astype(np.float64) if fscore_input == "binarised" else flat.astype(np.float64)
+        n_pred, tp = _counts_at_thresholds(values, m, FSCORE_THRESHOLDS)
+        n_gt = np.count_nonzero(m, axis=1)[:, None].astype(np.float64)
+        precision = tp / (n_pred + _PR_EPS)
+        recall = tp / (n_gt + _PR_EPS)
+        num = (1.0 + FSCORE_BETA2) * precision * recall
+        den = FSCORE_BETA2 * precision + recall
+        f[start : start + len(flat)] = np.divide(num, den, out=np.zeros_like(num),
+                                                 where=den > 0)
+    counted = np.flatnonzero(nonempty)
+    curve = f[counted].mean(axis=0) if counted.size else np.zeros(FSCORE_THRESHOLDS.size)
+    f_score = float(curve.max()) if counted.size else None
+    if variant == "frames":
+        miou = float(iou.mean())
+    else:
+        miou = float(_batch_means(iou, batch_size).mean())
+    if variant == "per_batch":
+        per_batch = []
+        for i in range(0, n, batch_size):
+            rows = nonempty[i : i + batch_size]
+            per_batch.append(f[i : i + batch_size][rows].mean(axis=0).max() if rows.any()
+                             else 0.0)
+        f_score = float(np.mean(per_batch))
+    return {"mIoU": miou, "F": f_score, "N": int(n), "N_F": int(counted.size),
+            "variant": variant, "iou": iou, "f_curve": curve}
+
+
+def negative_audio_pia(pred_maps, threshold, *, positive_maps=None, gt_maps=None,
+                       thresholds=AUC_THRESHOLDS) -> dict:
+    """Negative audio (docs/protocol.md section 9): how much of the image a model predicts as
+    sounding when the audio is silence, noise or an off-screen sound, as Juanola, Haro and
+    Fuentes, "A Critical Assessment of Visual Sound Source Localization Models Including
+    Negative Audio" (ICASSP 2025, arXiv:2410.01020; xavijuanola/vssl_eval, built on
+    SSLalignment's code) define it (utils_dir/eval_utils.py `compute_pIA`,
+    `compute_AUC_pIA`):
+
+    - pIA of a sample = sum(map > thr) / (H * W), the fraction of the image predicted as
+      sounding (their `(pred > threshold)`, strict);
+    - "pIA" = the mean pIA over samples (x 100 in their tables);
+    - the curve: C(t) = the fraction of samples with pIA <= t, at t = 0.05 * i, i = 0..20;
+    - "AOC" = the trapezoidal area (sklearn.metrics.auc) under C(t) over [0, 1]. Since C is
+      the cumulative distribution of pIA, this is the area over the curve of the fraction of
+      samples with pIA > t (hence the name): 1 when no pixel is ever predicted, near 0 for a
+      model that lights up the whole frame whatever it hears. Higher is better.
+
+    pred_maps: (B, H, W) maps of the negative pairs, NOT min-max normalised (vssl_eval
+    thresholds the raw upsampled similarity: normalising would stretch any negative map to
+    [0, 1]). threshold: a number (one for every sample: their --threshold 0.5, or a model's
+    calibrated value), an array (B,) (each sample's own), or a rule of `ciou` ("median_gt",
+    "median_ge", "adaptive") computed on `positive_maps` (B, H, W), the same images with
+    their own audio, at the same scale (with `gt_maps` for "adaptive"): "the threshold the
+    positive set uses", their thrciou / thrciouadap. The negative map is always compared
+    with `>`, as vssl_eval does.
+
+    Returns {"pIA", "AOC", "N", "pia" (B,), "threshold" (B,), "curve": (t, C(t)),
+    "quantiles": {"min", "q25", "median", "q75", "max"}, "histogram": counts of pIA in the
+    20 bins [0, 0.05), ..., [0.95, 1.0]}.
+    """
+    maps = np.asarray(pred_maps)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"expected maps (B, H, W) with B > 0, got shape {maps.shape}")
+    if not np.issubdtype(maps.dtype, np.floating):
+        maps = maps.astype(np.float64)
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("pred_maps hold non-finite values")
+    n, n_pixels = maps.shape[0], maps.shape[1] * maps.shape[2]
+    if isinstance(threshold, str):
+        if positive_maps is None:
+            raise ValueError(f"threshold {threshold!r} is a rule of the positive maps: pass "
+                             "positive_maps")
+        pos = np.asarray(positive_maps)
+        if pos.shape != maps.shape:
+            raise ValueError(f"positive_maps {pos.shape} differ from pred_maps {maps.shape}")
+        if threshold == "adaptive" and gt_maps is None:
+            raise ValueError("the adaptive threshold needs gt_maps")
+        gt = (np.zeros(maps.shape, np.float32) if gt_maps is None else np.asarray(gt_maps))
+        if gt.shape != maps.shape:
+            raise ValueError(f"gt_maps {gt.shape} differ from pred_maps {maps.shape}")
+        thr = np.concatenate([
+            _prediction_thresholds(pos[i : i + _CHUNK].reshape(-1, n_pixels), threshold,
+                                   gt[i : i + _CHUNK].reshape(-1, n_pixels))
+            for i in range(0, n, _CHUNK)]).astype(np.float64)
+    else:
+        thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (n,)).copy()
+        if not np.all(np.isfinite(thr)):
+            raise ValueError("threshold holds non-finite values")
+    pia = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _CHUNK):
+        flat = maps[start : start + _CHUNK].reshape(-1, n_pixels)
+        t_chunk = thr[start : start + _CHUNK, None].astype(flat.dtype)
+        pia[start : start + len(flat)] = np.count_nonzero(flat > t_chunk, axis=1) / n_pixels
+    t = np.asarray(thresholds, dtype=np.float64)
+    curve = np.mean(pia[None, :] <= t[:, None], axis=1)
+    q = np.quantile(pia, [0.0, 0.25, 0.5, 0.75, 1.0])
+    hist, _ = np.histogram(pia, bins=np.linspace(0.0, 1.0, 21))
+    return {"pIA": float(pia.mean()), "AOC": _trapezoid(t, curve), "N": int(n), "pia": pia,
+            "threshold": thr, "curve": (t, curve),
+            "quantiles": dict(zip(("min", "q25", "median", "q75", "max"),
+                                  (float(v) for v in q), strict=True)),
+            "histogram": hist.astype(np.int64)}
+
+
+def pooled_image_embeddings(image_maps, pooling: str = "mean") -> np.ndarray:
+    """The image embedding of cross-modal retrieval (docs/protocol.md section 9): V_i (B, h,
+    w, D), the per-position L2-normalised projected map of section 2, pooled over h, w and
+    L2-normalised again, float64 (B, D). pooling "mean" (the default: the spatial mean of
+    V_i) or "max" (the channel-wise maximum over positions). No public evaluator of these
+    models states a pooling; this one is sslocal's, named in the results."""
+    if pooling not in RETRIEVAL_POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {RETRIEVAL_POOLINGS}")
+    v = np.asarray(image_maps, dtype=np.float64)
+    if v.ndim != 4:
+        raise ValueError(f"expected image maps (B, h, w, D), got shape {v.shape}")
+    pooled = v.mean(axis=(1, 2)) if pooling == "mean" else v.max(axis=(1, 2))
+    return _unit_rows(pooled, "pooled image maps")
+
+
+def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected {name} (N, D) with N > 0, got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} hold non-finite values")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError(f"{name} hold a zero vector (no cosine similarity)")
+    return x / norms
+
+
+def retrieval_recall(image_embeddings, audio_embeddings, ks=(1, 5, 10)) -> dict:
+    """Cross-modal retrieval on paired embeddings (docs/protocol.md section 9): image i and
+    audio i are a pair. Similarities are cosine: both sides L2-normalised in float64, s_ij =
+    <audio_i, image_j>.
+
+    - audio -> image: for audio query i, the images ranked by s_i.; R@k = the fraction of
+      queries whose own image is among the first k;
+    - image -> audio: for image query j, the audios ranked by s_.j.
+    The rank of the true item is 1 + the number of other items at least as similar (ties
+    count against the query, the pessimistic convention). Also the median rank "MedR".
+    image_embeddings: pooled image maps (`pooled_image_embeddings`), audio_embeddings: the
+    audio vectors A_i. Returns {"audio_to_image": {"R@k", ..., "MedR"}, "image_to_audio":
+    {...}, "N"}.
+    """
+    img = _unit_rows(image_embeddings, "image_embeddings")
+    aud = _unit_rows(audio_embeddings, "audio_embeddings")
+    if img.shape != aud.shape:
+        raise ValueError(f"image {img.shape} and audio {aud.shape} embeddings differ")
+    ks = tuple(int(k) for k in ks)
+    if any(k < 1 for k in ks):
+        raise ValueError("every k must be >= 1")
+    n = img.shape[0]
+    ranks = {"audio_to_image": np.empty(n, np.int64), "image_to_audio": np.empty(n, np.int64)}
+    for start in range(0, n, 1024):  # 1024 query rows at a time: 40 MB at N = 5,000
+        rows = slice(start, start + 1024)
+        a2i = aud[rows] @ img.T  # (q, N)
+        i2a = img[rows] @ aud.T
+        idx = np.arange(start, start + a2i.shape[0])
+        for name, sim in (("audio_to_image", a2i), ("image_to_audio", i2a)):
+            true = sim[np.arange(sim.shape[0]), idx][:, None]
+            ranks[name][rows] = np.sum(sim >= true, axis=1)
+    out: dict = {"N": int(n)}
+    for name, r in ranks.items():
+        out[name] = {f"R@{k}": float(np.mean(r <= k)) for k in ks}
+        out[name]["MedR"] = float(np.median(r))
+    return out

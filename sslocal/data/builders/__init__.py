@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from sslocal.data.builders.avsbench import Avsbench
 from sslocal.data.builders.base import MANIFEST, AVBuilder, AVConfig
 from sslocal.data.builders.flickr_soundnet import FlickrSoundnet
+from sslocal.data.builders.is3 import Is3
 from sslocal.data.builders.synthetic_av import SyntheticAv
 from sslocal.data.builders.vggsound import Vggsound
 from sslocal.data.builders.vggss import Vggss
 
-_CLASSES: tuple[type[AVBuilder], ...] = (Vggsound, FlickrSoundnet, Vggss, SyntheticAv)
+_CLASSES: tuple[type[AVBuilder], ...] = (Vggsound, FlickrSoundnet, Vggss, SyntheticAv, Is3,
+                                         Avsbench)
 BUILDERS: dict[str, type[AVBuilder]] = {cls.name: cls for cls in _CLASSES}
 DATASETS: dict[str, type[AVBuilder]] = {
     f"{cls.name}/{config.name}": cls for cls in _CLASSES for config in cls.BUILDER_CONFIGS}
@@ -36,5 +39,6 @@ def get_builder(dataset: str, **kwargs: Any) -> AVBuilder:
     return cls(config=config, **kwargs)
 
 
-__all__ = ["AVBuilder", "AVConfig", "BUILDERS", "DATASETS", "MANIFEST", "FlickrSoundnet",
-           "SyntheticAv", "Vggsound", "Vggss", "get_builder", "parse_dataset"]
+__all__ = ["AVBuilder", "AVConfig", "Avsbench", "BUILDERS", "DATASETS", "MANIFEST",
+           "FlickrSoundnet", "Is3", "SyntheticAv", "Vggsound", "Vggss", "get_builder",
+           "parse_dataset"]
