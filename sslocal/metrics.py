@@ -559,13 +559,7 @@ def mask_miou_fscore(pred_maps, masks, *, threshold="median_gt", variant: str = 
                          f"{MASK_FSCORE_INPUTS}")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    pred = np.asarray(pred_maps)
-    if pred.ndim != 3 or pred.shape[0] == 0:
-        raise ValueError(f"expected maps (B, H, W) with B > 0, got shape {pred.shape}")
-    if not np.issubdtype(pred.dtype, np.floating):
-        pred = pred.astype(np.float64)
-    if not np.all(np.isfinite(pred)):
-        raise ValueError("pred_maps hold non-finite values")
+    pred = _checked_maps(pred_maps)
     m_all = _binary_masks(masks, pred.shape)
     n, n_pixels = pred.shape[0], pred.shape[1] * pred.shape[2]
     strict = isinstance(threshold, str) and threshold in ("median_gt", "adaptive")
@@ -641,13 +635,7 @@ def negative_audio_pia(pred_maps, threshold, *, positive_maps=None, gt_maps=None
     "quantiles": {"min", "q25", "median", "q75", "max"}, "histogram": counts of pIA in the
     20 bins [0, 0.05), ..., [0.95, 1.0]}.
     """
-    maps = np.asarray(pred_maps)
-    if maps.ndim != 3 or maps.shape[0] == 0:
-        raise ValueError(f"expected maps (B, H, W) with B > 0, got shape {maps.shape}")
-    if not np.issubdtype(maps.dtype, np.floating):
-        maps = maps.astype(np.float64)
-    if not np.all(np.isfinite(maps)):
-        raise ValueError("pred_maps hold non-finite values")
+    maps = _checked_maps(pred_maps)
     n, n_pixels = maps.shape[0], maps.shape[1] * maps.shape[2]
     if isinstance(threshold, str):
         if positive_maps is None:
@@ -748,3 +736,15 @@ def retrieval_recall(image_embeddings, audio_embeddings, ks=(1, 5, 10)) -> dict:
         out[name] = {f"R@{k}": float(np.mean(r <= k)) for k in ks}
         out[name]["MedR"] = float(np.median(r))
     return out
+
+
+def _checked_maps(pred_maps) -> np.ndarray:
+    """(B, H, W) maps with B > 0, finite, as a float array."""
+    maps = np.asarray(pred_maps)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"expected maps (B, H, W) with B > 0, got shape {maps.shape}")
+    if not np.issubdtype(maps.dtype, np.floating):
+        maps = maps.astype(np.float64)
+    if not np.all(np.isfinite(maps)):
+        raise ValueError("pred_maps hold non-finite values")
+    return maps

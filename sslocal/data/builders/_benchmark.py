@@ -188,3 +188,13 @@ def features_with(extra: dict[str, Any]):
 __all__ = ["MASK_THRESHOLD", "decode_mask", "encode_mask", "features_with",
            "mask_box", "process_mask_frame", "process_pair", "read_mask", "read_wave",
            "resize_mask"]
+
+
+class LayoutInManifest:
+    """Mixed into a builder whose `_jobs` finds which of the authors' layouts a root has (sets
+    self._layout): the manifest records it."""
+
+    def _split_generators(self, dl_manager):
+        generators = super()._split_generators(dl_manager)
+        self._manifest["layout"] = self._layout
+        return generators

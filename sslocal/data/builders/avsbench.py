@@ -140,7 +140,7 @@ def _config(subset: str, audio_window: str) -> AVSBenchConfig:
                                       f"{audio}")
 
 
-class Avsbench(AVBuilder):
+class Avsbench(_benchmark.LayoutInManifest, AVBuilder):
     """AVSBench S4 / MS3 test frames with binary masks (224 x 224) and the mask's box."""
 
     name = "avsbench"
@@ -208,10 +208,6 @@ class Avsbench(AVBuilder):
                 jobs.append(job)
         return {"test": jobs}
 
-    def _split_generators(self, dl_manager):
-        generators = super()._split_generators(dl_manager)
-        self._manifest["layout"] = self._layout
-        return generators
 
 
 __all__ = ["AUDIO_WINDOWS", "AVSBenchConfig", "Avsbench", "FRAMES_PER_VIDEO", "SUBSETS",

@@ -92,7 +92,7 @@ def _first_dir(root: str, names: tuple[str, ...]) -> str:
     return names[0]
 
 
-class Is3(AVBuilder):
+class Is3(_benchmark.LayoutInManifest, AVBuilder):
     """IS3 test pairs: one example per (image, source), boxes in 224 px (fmt "vggss")."""
 
     name = "is3"
@@ -166,10 +166,6 @@ class Is3(AVBuilder):
             jobs.append(job)
         return {"test": jobs}
 
-    def _split_generators(self, dl_manager):
-        generators = super()._split_generators(dl_manager)
-        self._manifest["layout"] = self._layout
-        return generators
 
 
 __all__ = ["ANNOTATION_FILES", "AUDIO_DIRS", "IMAGE_DIRS", "Is3", "load_is3_annotations",
