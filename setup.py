@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+GCS = ["gcsfs>=2026.10.1", "tensorstore>=0.1.86", "orbax-checkpoint>=0.12.8",
+       "array-record>=0.8.6"]
+
 setup(
     name="sslocal",
     version="0.1.0",
@@ -35,7 +38,13 @@ setup(
         "av>=12.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6", "chex>=0.1.88", "scikit-learn>=1.4"],
+        # gs:// paths (workdirs, data_dir, models, outputs); the versions tests/test_gcs.py ran
+        # with. gcsfs: epath's backend (TFDS, Orbax metadata, sslocal's files); TensorStore's GCS
+        # driver: Orbax arrays; ArrayRecord's GCS reader (first in 0.8.3): the Grain loader.
+        "gcs": GCS,
+        # tests/test_gcs.py serves the GCS JSON API on 127.0.0.1 with gcp-storage-emulator.
+        "test": ["pytest>=8.0", "ruff>=0.6", "chex>=0.1.88", "scikit-learn>=1.4",
+                 *GCS, "gcp-storage-emulator>=2026.7.19"],
         "torch": ["torch>=2.1"],
     },
     entry_points={"console_scripts": ["sslocal=sslocal.cli:run"]},

@@ -9,7 +9,11 @@ A converted or exported model directory holds model.json (the model config, and 
 when known) and one "model" item: {"params": ..., "batch_stats": ...}.
 
 Orbax writes every step into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint as the latest.
+killed mid-save leaves the previous checkpoint as the latest. In a gs:// bucket (where renaming
+a folder is a copy) it writes the step's folder in place and marks it complete with
+commit_success.txt last; only such steps count. Paths are epath (writers.as_path): a workdir or
+model directory may be a local folder or a gs:// URL, and the arrays go through TensorStore's
+GCS driver.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -27,11 +31,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
+
+from sslocal.writers import absolute, as_path, is_url
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 MODEL_JSON = "model.json"
 CONFIG_JSON = "config.json"
+# Orbax's mark of a finished step where it cannot rename (gs://): its CommitFileTemporaryPath.
+COMMIT_SUCCESS = "commit_success.txt"
 
 
 def _give_back_leaked_references(value: Any) -> Any:
@@ -89,23 +98,28 @@ def repair_tensorstore_json_leak() -> None:
             ts.experimental_collect_matching_metrics)
 
 
-def latest_saved_step(workdir: str | Path) -> int | None:
-    """The newest step under workdir/checkpoints/ (None when there is none), read from the
-    folder names without opening anything: Orbax renames a step's folder to its number only
-    once the step is complete."""
-    folder = Path(workdir) / LATEST_DIR
-    steps = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] \
-        if folder.is_dir() else []
-    return max(steps, default=None)
+def latest_saved_step(workdir: str | os.PathLike) -> int | None:
+    """The newest complete step under workdir/checkpoints/ (None when there is none), read
+    from the folder names without opening anything: on a disk Orbax renames a step's folder to
+    its number only once the step is complete; in a bucket the folder has its name from the
+    start and the step is complete once it holds commit_success.txt."""
+    folder = as_path(workdir) / LATEST_DIR
+    if not folder.is_dir():
+        return None
+    steps = sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()),
+                   reverse=True)
+    if not is_url(folder):
+        return steps[0] if steps else None
+    return next((s for s in steps if (folder / str(s) / COMMIT_SUCCESS).exists()), None)
 
 
 class Checkpointer:
     """The latest (with data-iterator state) and best checkpoints of one training workdir."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 2, best_metric: str = "cIoU",
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, best_metric: str = "cIoU",
                  asynchronous: bool = True):
         repair_tensorstore_json_leak()
-        workdir = Path(workdir).absolute()
+        workdir = absolute(workdir)
         self._latest = ocp.CheckpointManager(
             workdir / LATEST_DIR,
             options=ocp.CheckpointManagerOptions(
@@ -160,11 +174,12 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def save_model(directory: str | Path, model_config: dict, params: Any, batch_stats: Any) -> Path:
+def save_model(directory: str | os.PathLike, model_config: dict, params: Any, batch_stats: Any
+               ) -> epath.Path:
     """Writes a self-describing model directory (used by `sslocal convert` and exports):
     `model_config` (with image_size, when the caller includes it) goes to model.json."""
     repair_tensorstore_json_leak()
-    directory = Path(directory).absolute()
+    directory = absolute(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "model", {"params": params, "batch_stats": batch_stats},
@@ -173,10 +188,10 @@ def save_model(directory: str | Path, model_config: dict, params: Any, batch_sta
     return directory
 
 
-def read_model_description(path: str | Path) -> dict:
+def read_model_description(path: str | os.PathLike) -> dict:
     """The model config (width, embed_dim, ...) and, when recorded, image_size of a model
     directory (its model.json) or a training workdir (config.json's model and image_size)."""
-    path = Path(path)
+    path = as_path(path)
     if (path / MODEL_JSON).exists():
         return json.loads((path / MODEL_JSON).read_text())
     if (path / CONFIG_JSON).exists():
@@ -190,7 +205,7 @@ def read_model_description(path: str | Path) -> dict:
         f"(no {MODEL_JSON}); pass the --workdir of a run or the output of `sslocal convert`")
 
 
-def restore_model_arrays(path: str | Path, which: str = "best") -> tuple[dict, str]:
+def restore_model_arrays(path: str | os.PathLike, which: str = "best") -> tuple[dict, str]:
     """{"params": ..., "batch_stats": ...} (nested dicts of numpy arrays, as saved) of a model
     directory or a training workdir, and a description of what was restored.
 
@@ -200,7 +215,7 @@ def restore_model_arrays(path: str | Path, which: str = "best") -> tuple[dict, s
     if which not in ("best", "latest"):
         raise ValueError(f"which must be 'best' or 'latest', not {which!r}")
     repair_tensorstore_json_leak()
-    path = Path(path).absolute()
+    path = absolute(path)
     if (path / MODEL_JSON).exists():
         with ocp.PyTreeCheckpointer() as checkpointer:
             restored = checkpointer.restore(

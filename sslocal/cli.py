@@ -91,7 +91,32 @@ def _require(name: str):
     return value
 
 
+# Flags that name files or folders: each may be a local path or a gs:// URL.
+PATH_FLAGS = ("workdir", "checkpoint", "out", "data_dir", "video", "image", "audio")
+
+
+def _check_paths(command: str, args: list[str]) -> None:
+    """Every path the command was given, checked before anything runs: a gs:// one without the
+    `gcs` extra is one line naming it (writers.check_paths)."""
+    from sslocal.writers import check_paths
+
+    names = COMMANDS[command][2]
+    paths = []
+    for name in names:
+        if name in PATH_FLAGS:
+            value = FLAGS[name].value
+            paths += value if isinstance(value, list) else [value]
+    if "config" in names and _CONFIG.value is not None:
+        config = _CONFIG.value
+        paths += [config.get("data_dir"), config.model.get("image_pretrained"),
+                  config.get("eval", {}).get("ogl_weights")]
+    if command == "convert":
+        paths += args
+    check_paths(*paths)
+
+
 def _dispatch(command: str, args: list[str]) -> None:
+    _check_paths(command, args)
     if command == "train":
         from sslocal import sharding, train
 

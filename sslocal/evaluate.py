@@ -26,6 +26,7 @@ from sslocal.data import prepare as data_prepare
 from sslocal.evaluator import EvalResult, Evaluator
 from sslocal.models import factory, load
 from sslocal.models.load import LoadedModel
+from sslocal.writers import as_path, check_paths
 
 
 def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
@@ -113,7 +114,7 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
     the share of the gap from the best non-oracle baseline to the oracle each model closes.
     `models` may be a generator: each model is loaded only while it is evaluated.
     Collective: every process calls it; process 0 writes."""
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)  # a folder or a gs:// URL, never folded into a local gs:/
     is_main = jax.process_index() == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,10 +171,11 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
     test subset, recorded in every result; the ids a set lacks are printed and recorded)."""
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
+    check_paths(*checkpoints, out, ids, config.data_dir)  # a missing `gcs` extra: one line, first
     mesh = sharding.make_mesh()
     evaluator = Evaluator(config, mesh, ogl=ogl)
     names = [dataset] if dataset else list(config.test_datasets)
-    data_dir = os.path.expanduser(config.data_dir)
+    data_dir = os.fspath(as_path(config.data_dir)) if config.data_dir else None
     sources = {name: data_prepare.load_split(name, "test", data_dir) for name in names}
     subsets = {}
     if ids or config.eval.ids_file:
@@ -186,7 +188,7 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
                       f"are not in the prepared set (listed in metrics.json): "
                       f"{', '.join(info['missing'][:5])}{' ...' if info['N_missing'] > 5 else ''}")
     for checkpoint in checkpoints:  # a missing path fails before any model loads
-        if not Path(checkpoint).exists():
+        if not as_path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     models = ((label, load.load_model(checkpoint, mesh=mesh))
               for checkpoint, label in zip(checkpoints, model_labels(checkpoints), strict=True))
@@ -198,7 +200,7 @@ def default_out(checkpoint: str | Path) -> Path:
     """Where `sslocal evaluate` writes without --out: a new folder beside the (first) model,
     CHECKPOINT/evaluations/<time>/, so that no earlier result (a training run's eval/, an
     earlier evaluation) is overwritten or mixed with new files."""
-    checkpoint = Path(checkpoint)
+    checkpoint = as_path(checkpoint)
     base = checkpoint if checkpoint.is_dir() else checkpoint.parent
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out, n = base / "evaluations" / stamp, 1

@@ -14,23 +14,29 @@ OUT gets, per map kind ("" for the AV map, "_ogl" for the object-guided one with
   video:         step_NNNN{kind}.png per step, maps{kind}.npy (T, 224, 224), and
                  overlay{kind}.mp4 (H.264 + AAC, the original audio) when there are 2+ steps
 and localize.json: the checkpoint, S, and every step's time and peak (x, y) in frame pixels.
+The checkpoint, the inputs and OUT may be local paths or gs:// URLs (writers.as_path): a remote
+video or audio file is copied to a temporary local file for FFmpeg, an MP4 is encoded locally
+and uploaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path  # only for the package's own files
 from typing import Any
 
 import av
 import ml_collections
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from sslocal import report, sharding
@@ -38,7 +44,7 @@ from sslocal.data import pipeline, spectrogram
 from sslocal.data import video as video_io
 from sslocal.evaluator import Evaluator
 from sslocal.models import load
-from sslocal.writers import progress
+from sslocal.writers import as_path, check_paths, local_file, progress, staged_file
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +109,8 @@ class Localizer:
     """A trained model (workdir, model directory or PyTorch file) that maps (frame, audio)
     pairs to maps, at the frame size it was trained at, through the evaluator's step."""
 
-    def __init__(self, checkpoint: str | Path, config: ml_collections.ConfigDict | None = None,
-                 *, ogl: bool = False):
+    def __init__(self, checkpoint: str | os.PathLike,
+                 config: ml_collections.ConfigDict | None = None, *, ogl: bool = False):
         config = config if config is not None else default_config()
         mesh = sharding.make_mesh(1)  # a handful of samples per call: one device is enough
         self.model = load.load_model(checkpoint, mesh=mesh)
@@ -129,9 +135,9 @@ class Localizer:
 # --------------------------------------------------------------------------- inputs
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB, with clear errors."""
-    path = Path(path)
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file (local or gs://) -> uint8 (H, W, 3) RGB, with clear errors."""
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
@@ -153,10 +159,13 @@ class OverlayVideoWriter:
     """An MP4 of overlays, each shown for `every` seconds (H.264), plus the audio of a media
     file re-encoded as AAC (added on close, streamed: long clips do not fill the memory)."""
 
-    def __init__(self, path: str | Path, every: float, audio_source: str | Path | None = None):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, every: float,
+                 audio_source: str | os.PathLike | None = None):
+        self.path = as_path(path)
         self._audio_source = audio_source
-        self._container = av.open(str(self.path), "w")
+        self._staged = contextlib.ExitStack()  # encoded locally, uploaded on close if remote
+        local = self._staged.enter_context(staged_file(self.path, suffix=".mp4"))
+        self._container = av.open(local, "w")
         self._video = self._container.add_stream(
             "libx264", rate=Fraction(1 / every).limit_denominator(1000))
         self._video.pix_fmt = "yuv420p"
@@ -184,6 +193,7 @@ class OverlayVideoWriter:
                 self._mux_audio()
         finally:
             self._container.close()
+            self._staged.close()
 
     def _mux_audio(self) -> None:
         stream = self._audio
@@ -203,22 +213,28 @@ def _suffix(kind: str) -> str:
     return "" if kind == "av" else f"_{kind}"
 
 
-def _save_png(path: Path, image: np.ndarray) -> str:
-    Image.fromarray(image).save(path)
+def _save_png(path: epath.Path, image: np.ndarray) -> str:
+    with path.open("wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
     return path.name
+
+
+def _save_npy(path: epath.Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.save(f, array)
 
 
 # --------------------------------------------------------------------------- the command
 
 
 def localize_image(localizer: Localizer, frame: np.ndarray, clip: np.ndarray,
-                   out: Path) -> list[dict[str, Any]]:
+                   out: epath.Path) -> list[dict[str, Any]]:
     """One frame and its (48000,) audio clip -> overlay PNG and map .npy; the step's record."""
     maps = localizer.maps([frame], [clip])
     step: dict[str, Any] = {"t": None}
     for kind, m in maps.items():
         s = _suffix(kind)
-        np.save(out / f"map{s}.npy", m[0])
+        _save_npy(out / f"map{s}.npy", m[0])
         step[f"png{s}"] = _save_png(out / f"overlay{s}.png", overlay(frame, m[0]))
         step[f"peak_xy{s}"] = peak(m[0], *frame.shape[:2])
     return [step]
@@ -230,7 +246,8 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
 
 
 def localize_video(localizer: Localizer, steps: Iterator[tuple[float, np.ndarray, np.ndarray]],
-                   out: Path, *, every: float, audio_source: str | Path | None = None
+                   out: epath.Path, *, every: float,
+                   audio_source: str | os.PathLike | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """(t, frame, clip) steps -> step_NNNN PNGs and maps .npy; with 2+ steps an overlay MP4
     per map kind (with the audio of `audio_source`). Returns the step records and videos."""
@@ -263,7 +280,7 @@ def localize_video(localizer: Localizer, steps: Iterator[tuple[float, np.ndarray
         for writer in writers.values():
             writer.close()
     for kind in localizer.kinds:
-        np.save(out / f"maps{_suffix(kind)}.npy", np.stack(maps[kind]))
+        _save_npy(out / f"maps{_suffix(kind)}.npy", np.stack(maps[kind]))
     return records, {kind: w.path.name for kind, w in writers.items()}
 
 
@@ -274,6 +291,7 @@ def main(*, checkpoint: str, video: str | None = None, image: str | None = None,
 
     Returns (and writes to OUT/localize.json) the inputs, the checkpoint, S and every step's
     time and peak. Bad inputs raise FileNotFoundError / ValueError before the model loads.
+    Every path may be local or a gs:// URL.
     """
     if video is not None and (image is not None or audio is not None):
         raise ValueError("give either --video or --image with --audio, not both")
@@ -281,22 +299,27 @@ def main(*, checkpoint: str, video: str | None = None, image: str | None = None,
         raise ValueError("give --video, or --image together with --audio")
     if not (math.isfinite(every) and every > 0):
         raise ValueError(f"--every must be a positive number of seconds, got {every}")
-    if video is not None:
-        steps = video_io.iter_video_steps(video, every)
-        # The first step is decoded now: a bad file fails before the model loads.
-        steps = itertools.chain([next(steps)], steps)
-        inputs: dict[str, Any] = {"video": str(video), "every": every}
-    else:
-        frame, clip = read_image(image), spectrogram.load_clip_audio(audio)
-        inputs = {"image": str(image), "audio": str(audio)}
-    localizer = Localizer(checkpoint, config, ogl=ogl)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if video is not None:
-        records, videos = localize_video(localizer, steps, out_dir, every=every,
-                                         audio_source=video)
-    else:
-        records, videos = localize_image(localizer, frame, clip, out_dir), {}
+    check_paths(checkpoint, video, image, audio, out)  # a missing `gcs` extra: first
+    with contextlib.ExitStack() as stack:  # local copies of remote media, for FFmpeg
+        if video is not None:
+            local_video = stack.enter_context(local_file(video))
+            steps = video_io.iter_video_steps(local_video, every)
+            # The first step is decoded now: a bad file fails before the model loads.
+            steps = itertools.chain([next(steps)], steps)
+            inputs: dict[str, Any] = {"video": str(video), "every": every}
+        else:
+            frame = read_image(image)
+            with local_file(audio) as local_audio:
+                clip = spectrogram.load_clip_audio(local_audio)
+            inputs = {"image": str(image), "audio": str(audio)}
+        localizer = Localizer(checkpoint, config, ogl=ogl)
+        out_dir = as_path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if video is not None:
+            records, videos = localize_video(localizer, steps, out_dir, every=every,
+                                             audio_source=local_video)
+        else:
+            records, videos = localize_image(localizer, frame, clip, out_dir), {}
     summary = {**inputs, "checkpoint": localizer.description, "image_size": localizer.image_size,
                "maps": list(localizer.kinds), "steps": records, "videos": videos}
     (out_dir / "localize.json").write_text(json.dumps(summary, indent=2))

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sslocal import metrics
 from sslocal.data import pipeline
+from sslocal.writers import as_path
 
 GROUPS = ("best", "median", "worst")
 SILENT_GROUP = "non-sounding, most confident"
@@ -147,7 +148,15 @@ def _save(figure: Figure, ax: Any, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    with path.open("wb") as f:  # a file object: matplotlib opens only local paths
+        figure.savefig(f, format="png")
+
+
+def _write_png(image: Image.Image, path: Path) -> None:
+    """Through a file object: PIL, like matplotlib, opens only local paths (a gs:// one would
+    become a local gs:/ path)."""
+    with path.open("wb") as f:
+        image.save(f, format="PNG")
 
 
 def success_plot(curves: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
@@ -320,7 +329,7 @@ class Report:
         """Writes out_dir/report.html, out_dir/plots/*.png and out_dir/overlays/*.png."""
         if not self.models:
             raise ValueError("add_model was never called: nothing to report")
-        out = Path(out_dir)
+        out = as_path(out_dir)  # a folder or a gs:// URL
         for sub in ("plots", "overlays"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         sections = [self._section(out, t, name) for t, name in enumerate(self.sources)]
@@ -390,9 +399,9 @@ class Report:
              name: str) -> str:
         """One sample: its frame with the boxes, then every model's map, side by side."""
         frame_path = out / "overlays" / f"{stem}-frame.png"
-        overlay_image(sample.frame, None, sample.boxes,
-                      f"{sample.clip_id}" + ("" if sample.sounding else " (no sound)")
-                      ).save(frame_path)
+        _write_png(overlay_image(sample.frame, None, sample.boxes,
+                                 f"{sample.clip_id}" + ("" if sample.sounding else " (no sound)")),
+                   frame_path)
         cells = [_figure_html(frame_path.relative_to(out),
                               f"{_e(sample.clip_id)}<br>frame + ground truth", sample.clip_id)]
         for c, (model, kind, label) in enumerate(columns):
@@ -401,8 +410,8 @@ class Report:
             score = (f"cIoU {value:.3f}" if sample.sounding
                      else f"confidence {float(result.confidence[sample.index]):.3f}")
             path = out / "overlays" / f"{stem}-m{c}.png"
-            overlay_image(sample.frame, model.maps[name][kind][position], sample.boxes,
-                          f"{label}: {score}").save(path)
+            _write_png(overlay_image(sample.frame, model.maps[name][kind][position], sample.boxes,
+                                     f"{label}: {score}"), path)
             cells.append(_figure_html(path.relative_to(out),
                                       f"<b>{_e(label)}</b><br>{_e(score)}",
                                       f"{label} map of {sample.clip_id}"))

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
+import os
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from sslocal import train
+from sslocal.writers import as_path
 
 STUDY_DATASET = "synthetic_av/noisy"
 
@@ -40,8 +42,8 @@ def _run_config(config: ml_collections.ConfigDict, margin: float, seed: int):
 
 
 def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds: int,
-                 workdir: str | Path) -> dict[str, dict]:
-    workdir = Path(workdir)
+                 workdir: str | os.PathLike) -> dict[str, dict]:
+    workdir = as_path(workdir)  # a folder or a gs:// URL
     workdir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     for margin in margins:
@@ -65,7 +67,7 @@ def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds:
 SEED_METRICS = ("cIoU", "AUC", "mean_cIoU", "gap_cIoU", "gap_AUC")
 
 
-def seed_study(config: ml_collections.ConfigDict, seeds: int, workdir: str | Path
+def seed_study(config: ml_collections.ConfigDict, seeds: int, workdir: str | os.PathLike
                ) -> dict[str, dict]:
     """Trains `config` with seeds 0 .. seeds-1 in workdir/seed<k> (a finished run is read, not
     trained again) and returns {"last" | "best": {metric: {"mean", "std", "min", "values"}}}
@@ -79,7 +81,7 @@ def seed_study(config: ml_collections.ConfigDict, seeds: int, workdir: str | Pat
 
     if not config.eval.baselines:
         raise ValueError("the seed study reports the gap closed: set eval.baselines=True")
-    workdir = Path(workdir)
+    workdir = as_path(workdir)  # a folder or a gs:// URL
     workdir.mkdir(parents=True, exist_ok=True)
     name = config.test_datasets[0]
     rows: dict[str, list[dict]] = {"last": [], "best": []}
@@ -136,7 +138,7 @@ def margin_table(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict[str, dict], path: Path) -> None:
+def plot(table: dict[str, dict], path: epath.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,5 +155,6 @@ def plot(table: dict[str, dict], path: Path) -> None:
     ax.set_title("marginNCE on noisy synthetic data")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with as_path(path).open("wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)

@@ -4,6 +4,10 @@
 
 writes DIR/vggsound/144k/1.0.0/ (TFDS layout) and manifest.json beside it: clips requested,
 found, missing (which file), unreadable (the error) and written, per split.
+
+DIR may be a gs:// bucket (with the `gcs` extra): TFDS writes its metadata through epath, the
+ArrayRecord files are written locally and uploaded (ArrayRecord's writer opens local files
+only), and the Grain loader reads them in place through ArrayRecord's own GCS reader.
 """
 
 from __future__ import annotations
@@ -14,29 +18,32 @@ import os
 import signal
 import threading
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import tensorflow_datasets as tfds
 
 from sslocal.data import builders
+from sslocal.writers import absolute, as_path
 
 
 def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = None,
             data_dir: str | os.PathLike | None = None, *, ids: Iterable[str] | None = None,
-            num_workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+            num_workers: int | None = None, overwrite: bool = False,
+            **builder_kwargs: Any) -> dict[str, Any]:
     """Builds `dataset` ("name/config", see builders.DATASETS) from the files under `root`
-    into `data_dir` (TFDS's default when None) and returns the manifest.
+    into `data_dir` (a folder or a gs:// URL; TFDS's default when None) and returns the
+    manifest. `builder_kwargs` go to the builder (synthetic_av: seed, num_train, num_test).
 
     What can be checked comes first, before TFDS starts: the dataset name, that `root` exists.
     A dataset already prepared there is reused, and says so (with the root and the date it was
     built from), unless `overwrite`; reusing it for another `root` than it was built from is
     refused (pass `overwrite` to rebuild)."""
     builders.parse_dataset(dataset)  # an unknown name fails before anything else
+    data_dir = _data_dir(data_dir)  # a gs:// one without the `gcs` extra fails here
     if root is not None and not os.path.isdir(root):
         raise FileNotFoundError(f"{dataset}: data root not found: {root}")
     builder = builders.get_builder(dataset, data_dir=data_dir, root=root, ids=ids,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, **builder_kwargs)
     prepared = builder.is_prepared()
     if root is None and builder.NEEDS_ROOT and (overwrite or not prepared):
         raise ValueError(f"{dataset}: pass --root ROOT, the folder holding frames/ and audio/ "
@@ -60,6 +67,11 @@ def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = Non
             download_config=tfds.download.DownloadConfig(download_mode=mode))
     _print_summary(dataset, builder, manifest)
     return manifest
+
+
+def _data_dir(data_dir: str | os.PathLike | None) -> str | None:
+    """The data_dir as TFDS takes it: a string, `~` expanded, a gs:// URL kept as one."""
+    return os.fspath(as_path(data_dir)) if data_dir else None
 
 
 @contextlib.contextmanager
@@ -97,7 +109,9 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
                root: str | os.PathLike | None = None) -> Any:
     """The random-access data source of a prepared split (tfds ArrayRecordDataSource: len(),
     [i] -> dict of numpy values). Prepares it first when it is not there and can be built
-    (a root is given, or the dataset is synthetic)."""
+    (a root is given, or the dataset is synthetic). A split in a gs:// data_dir is read in
+    place (ArrayRecord's GCS reader)."""
+    data_dir = _data_dir(data_dir)
     builder = builders.get_builder(dataset, data_dir=data_dir, root=root)
     if not builder.is_prepared():
         if root is None and builder.NEEDS_ROOT:
@@ -145,7 +159,7 @@ def restrict_to_ids(source: Any, ids_file: str | os.PathLike, dataset: str
     column), e.g. the 4,911- or 4,654-clip VGG-SS subsets of later papers. Returns the subset
     and what every result file records: the list's name, path, size and sha256, how many of
     its ids the prepared set holds, and every id it lacks (never dropped silently)."""
-    path = Path(ids_file).expanduser()
+    path = as_path(ids_file)
     if not path.is_file():
         raise FileNotFoundError(f"test id list not found: {path}")
     raw = path.read_bytes()
@@ -158,7 +172,7 @@ def restrict_to_ids(source: Any, ids_file: str | os.PathLike, dataset: str
     indices = [position[i] for i in listed if i in position]
     if not indices:
         raise ValueError(f"none of the {len(listed)} ids of {path} is in the prepared {dataset}")
-    info = {"name": path.name, "path": str(path.absolute()), "size": len(listed),
+    info = {"name": path.name, "path": os.fspath(absolute(path)), "size": len(listed),
             "sha256": hashlib.sha256(raw).hexdigest(), "N_found": len(indices),
             "N_missing": len(missing), "missing": missing}
     return SubsetSource(source, indices), info

@@ -12,6 +12,8 @@ Name mapping (the NNX attribute paths mirror the torch module names):
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable, Mapping
 from os import PathLike
 from typing import Any
@@ -94,10 +96,19 @@ def _import_torch():
 
 
 def read_torch_file(path: str | PathLike) -> Any:
-    """torch.load(path, map_location='cpu', weights_only=True) with clear errors."""
+    """torch.load(path, map_location='cpu', weights_only=True) with clear errors; `path` may
+    be a gs:// URL (read into memory first)."""
+    from sslocal.writers import as_path, is_url
+
     torch = _import_torch()
+    path = as_path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if is_url(path):
+            if not path.is_file():
+                raise FileNotFoundError(f"no file {path}")
+            return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu",
+                              weights_only=True)
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except torch.serialization.pickle.UnpicklingError as e:  # weights_only refused the file
         raise ValueError(
             f"refusing to load {path} for safety: torch.load(weights_only=True) accepts only "

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from sslocal import checkpointing, sharding
 from sslocal.models import convert
 from sslocal.models.av_model import AudioVisualModel
 from sslocal.models.resnet import ResNet18
+from sslocal.writers import absolute, as_path
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # The model config fields a config may lack: those written before audio_pool and image_stride
@@ -23,8 +25,9 @@ TORCHVISION_HINT = ("download torchvision's ImageNet ResNet18 weights (resnet18-
                     "at it, or set it to '' to start from scratch")
 
 
-def _weights_path(path: str) -> Path | None:
-    return Path(path).expanduser() if path else None
+def _weights_path(path: str) -> epath.Path | None:
+    """A configured weights file: a local path (`~` expanded) or a gs:// URL."""
+    return as_path(path) if path else None
 
 
 def check_weights_files(model_config: ml_collections.ConfigDict) -> None:
@@ -65,14 +68,15 @@ def build_ogl(weights: str, mesh: jax.sharding.Mesh | None = None
     return graphdef, state
 
 
-def convert_checkpoint(torch_path: str, out_dir: str) -> Path:
+def convert_checkpoint(torch_path: str | os.PathLike, out_dir: str | os.PathLike
+                       ) -> epath.Path:
     """`sslocal convert`: a reference-format (EZ-VSL) PyTorch checkpoint -> a model directory,
     converted as load.load_model converts it in memory."""
     from sslocal.models import load  # imported here: load builds its models with this module
 
     loaded = load.load_model(torch_path)
     model_config = {**loaded.model_config, "image_size": loaded.image_size,
-                    "converted_from": str(Path(torch_path).absolute())}
+                    "converted_from": os.fspath(absolute(torch_path))}
     out = checkpointing.save_model(out_dir, model_config, loaded.params, loaded.batch_stats)
     print(f"wrote {out} (width {model_config['width']}, embed_dim {model_config['embed_dim']})")
     return out

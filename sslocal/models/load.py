@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
+import os
 
 import jax
 import ml_collections
@@ -18,6 +18,7 @@ from flax import nnx
 from sslocal import checkpointing, protocol, sharding
 from sslocal.models import convert, factory
 from sslocal.models.convert import ModelMismatchError
+from sslocal.writers import absolute
 
 __all__ = ["LoadedModel", "ModelMismatchError", "load_model"]
 
@@ -42,7 +43,7 @@ class LoadedModel:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
-def load_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = None,
+def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
                which: str = "best") -> LoadedModel:
     """The model at `path`: a training workdir (config.json; its best checkpoint, or its latest
     when no evaluation ran or `which="latest"`), a model directory (model.json, as written by
@@ -51,9 +52,10 @@ def load_model(path: str | Path, *, mesh: jax.sharding.Mesh | None = None,
 
     The model is built from the config the checkpoint describes, never with ImageNet weights;
     image_size is config.json's, or model.json's when recorded, else the paper's 224. The
-    weights are replicated over `mesh`, or put on this process's first device.
+    weights are replicated over `mesh`, or put on this process's first device. `path` may be
+    local or a gs:// URL.
     """
-    path = Path(path).absolute()
+    path = absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     placement = (sharding.replicated(mesh) if mesh is not None

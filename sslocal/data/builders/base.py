@@ -18,7 +18,6 @@ import json
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from sslocal.data import annotations
 from sslocal.data.builders import _clips
 from sslocal.protocol import SPEC_SHAPE, TRAIN_SCALE
+from sslocal.writers import staged_file
 
 MANIFEST = "manifest.json"
 MIN_CLIPS_PER_WORKER = 64  # a spawned worker takes seconds to start (imports)
@@ -89,16 +89,20 @@ class _UncompressedArrayRecord(file_adapters.ArrayRecordFileAdapter):
 
     TFDS writes zstd: on these records (JPEG bytes and float16 noise) it saves ~30% of the disk
     but costs 0.2 ms per read, the training loader's largest cost after the JPEG decode.
-    Readers detect the options from the file, so nothing else changes.
+    Readers detect the options from the file, so nothing else changes. ArrayRecord's writer
+    opens local files only: a file for a gs:// data_dir is written locally and uploaded (its
+    reader does read gs:// in place).
     """
 
     @classmethod
     def write_examples(cls, path, iterator):
-        writer = array_record_module.ArrayRecordWriter(os.fspath(path),
-                                                       "group_size:1,uncompressed")
-        for _, serialized_example in iterator:
-            writer.write(serialized_example)
-        writer.close()
+        with staged_file(path, suffix=".array_record") as local:
+            writer = array_record_module.ArrayRecordWriter(local, "group_size:1,uncompressed")
+            try:
+                for _, serialized_example in iterator:
+                    writer.write(serialized_example)
+            finally:
+                writer.close()
 
 
 @contextlib.contextmanager
@@ -301,8 +305,8 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"{len(entry['unreadable'])} unreadable; root={self._manifest['root']}). "
                 f"Details: {path}")
 
-    def _write_manifest(self, failed: bool = False) -> Path:
-        folder = Path(os.fspath(self.data_path))
+    def _write_manifest(self, failed: bool = False) -> epath.Path:
+        folder = epath.Path(self.data_path)
         if failed:  # the version folder does not exist when generation fails
             folder = folder.parent
         folder.mkdir(parents=True, exist_ok=True)
@@ -313,7 +317,7 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def is_prepared(self) -> bool:
         """TFDS's check, without its warning for a version folder that holds no
         dataset_info.json (a build that failed or was interrupted): that is "not prepared"."""
-        info = Path(os.fspath(self.data_path)) / "dataset_info.json"
+        info = epath.Path(self.data_path) / "dataset_info.json"
         return info.is_file() and super().is_prepared()
 
     def download_and_prepare(self, **kwargs: Any) -> dict[str, Any]:
@@ -331,5 +335,5 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def manifest(self) -> dict[str, Any]:
         """The manifest of the prepared data ({} when it has none)."""
-        path = Path(os.fspath(self.data_path)) / MANIFEST
+        path = epath.Path(self.data_path) / MANIFEST
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
