@@ -106,8 +106,8 @@ def read_torch_file(path: str | PathLike) -> Any:
         if is_url(path):
             if not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
-            return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu",
-                              weights_only=True)
+            data = io.BytesIO(path.read_bytes())
+            return torch.load(data, map_location="cpu", weights_only=True)
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except torch.serialization.pickle.UnpicklingError as e:  # weights_only refused the file
         raise ValueError(
