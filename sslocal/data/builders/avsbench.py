@@ -50,9 +50,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sslocal.data.builders import _benchmark, _clips
+from sslocal.data.builders import _benchmark
 from sslocal.data.builders.base import AVBuilder, AVConfig
-from sslocal.protocol import TRAIN_SCALE
 
 FRAMES_PER_VIDEO = 5
 AUDIO_WINDOWS = ("second", "clip_centre")
@@ -156,23 +155,14 @@ class Avsbench(_benchmark.LayoutInManifest, AVBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(self.__doc__ or "").strip().splitlines()[0],
-            features=_benchmark.features_with({
+        return self._dataset_info(
+            _benchmark.features_with({
                 "mask": tfds.features.Tensor(shape=(), dtype=np.object_),
                 "video_id": tfds.features.Text(),
                 "frame_index": tfds.features.Tensor(shape=(), dtype=np.int64),
             }),
-            metadata=tfds.core.MetadataDict(
-                image_size=config.image_size, gt_format=self.GT_FORMAT, test=True,
-                subset=config.subset, split=config.split, audio_window=config.audio_window,
-                train_frames=f"shorter side int({TRAIN_SCALE} * S), JPEG q"
-                             f"{_clips.JPEG_QUALITY}",
-                test_frames="S x S bicubic squash, PNG; image_center_crop: shorter side S, "
-                            "centre crop, PNG",
-                masks="224 x 224, grey >= 128, nearest resize; 1-bit PNG in 'mask'"),
-        )
+            subset=config.subset, split=config.split, audio_window=config.audio_window,
+            masks="224 x 224, grey >= 128, nearest resize; 1-bit PNG in 'mask'")
 
     def _jobs(self, root):
         config = self.builder_config

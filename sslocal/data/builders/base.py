@@ -225,17 +225,23 @@ class AVBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # -- TFDS hooks -------------------------------------------------------------------------
 
     def _info(self) -> tfds.core.DatasetInfo:
+        return self._dataset_info(features(self.builder_config.test))
+
+    def _dataset_info(self, feature_dict: tfds.features.FeaturesDict,
+                      **metadata: Any) -> tfds.core.DatasetInfo:
+        """The DatasetInfo of these features, with the frame-storage metadata every sslocal
+        dataset records, plus `metadata` (what a builder adds)."""
         config = self.builder_config
         return tfds.core.DatasetInfo(
             builder=self,
             description=(self.__doc__ or "").strip().splitlines()[0],
-            features=features(config.test),
+            features=feature_dict,
             metadata=tfds.core.MetadataDict(
                 image_size=config.image_size, gt_format=self.GT_FORMAT, test=config.test,
                 train_frames=f"shorter side int({TRAIN_SCALE} * S), JPEG q"
                              f"{_clips.JPEG_QUALITY}",
                 test_frames="S x S bicubic squash, PNG; image_center_crop: shorter side S, "
-                            "centre crop, PNG"),
+                            "centre crop, PNG", **metadata),
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from sslocal.data.builders import _benchmark, _clips
+from sslocal.data.builders import _benchmark
 from sslocal.data.builders.base import AVBuilder, AVConfig
-from sslocal.protocol import TRAIN_SCALE
 
 # Looked for in ROOT, in this order: SSLalignment's metadata file, then the name of the
 # annotation in the distributed zip (used when it holds the same "image" / "audio" /
@@ -109,23 +108,13 @@ class Is3(_benchmark.LayoutInManifest, AVBuilder):
     _process = staticmethod(_benchmark.process_pair)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        config = self.builder_config
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(self.__doc__ or "").strip().splitlines()[0],
-            features=_benchmark.features_with({
+        return self._dataset_info(
+            _benchmark.features_with({
                 "image_id": tfds.features.Text(),
                 "source": tfds.features.Tensor(shape=(), dtype=np.int64),
                 "source_name": tfds.features.Text(),
             }),
-            metadata=tfds.core.MetadataDict(
-                image_size=config.image_size, gt_format=self.GT_FORMAT, test=True,
-                train_frames=f"shorter side int({TRAIN_SCALE} * S), JPEG q"
-                             f"{_clips.JPEG_QUALITY}",
-                test_frames="S x S bicubic squash, PNG; image_center_crop: shorter side S, "
-                            "centre crop, PNG",
-                pairs="one example per (image, source); image_id regroups an image's pairs"),
-        )
+            pairs="one example per (image, source); image_id regroups an image's pairs")
 
     def _annotation_path(self, root: str) -> str:
         for name in ANNOTATION_FILES:
