@@ -404,11 +404,13 @@ def test_tpu_vm_other_dead_states_end_the_wait(cloud, state):
 
 def test_tpu_vm_queue_timeout_deletes_the_queued_resource(cloud):
     started = time.monotonic()
-    result = cloud.launch(FAKE_STATES="WAITING_FOR_RESOURCES", QUEUE_TIMEOUT="1")
+    # 3 s at 0.1 s per poll: several polls even when a loaded machine starts each fake gcloud
+    # slowly (at 1 s, one slow first poll already reached the deadline)
+    result = cloud.launch(FAKE_STATES="WAITING_FOR_RESOURCES", QUEUE_TIMEOUT="3")
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "QUEUE_TIMEOUT" in result.stderr
-    assert elapsed < 15
+    assert elapsed < 20
     assert cloud.count("--format=value(state.state)") >= 2  # it polled, then gave up
     assert cloud.steps() == ["bucket check", "data check", "create", "describe", "delete"]
 
