@@ -43,8 +43,8 @@ setup(
         # driver: Orbax arrays; ArrayRecord's GCS reader (first in 0.8.3): the Grain loader.
         "gcs": GCS,
         # tests/test_gcs.py serves the GCS JSON API on 127.0.0.1 with gcp-storage-emulator.
-        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.6", "chex>=0.1.88", "scikit-learn>=1.4",
-                 *GCS, "gcp-storage-emulator>=2026.7.19"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.6", "ruff>=0.6", "chex>=0.1.88",
+                 "scikit-learn>=1.4", *GCS, "gcp-storage-emulator>=2026.7.19"],
         "torch": ["torch>=2.1"],
     },
     entry_points={"console_scripts": ["sslocal=sslocal.cli:run"]},
