@@ -62,6 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.ids_file = ""  # a list of clip ids: evaluate on that subset of each test set
     config.eval.report = False
     config.eval.baselines = False  # also score centre / random / oracle maps, untrained model
+    # The benchmarks since 2023 (docs/protocol.md section 9). IS3 (iIoU / iAUC, the adaptive
+    # threshold) and AVSBench (mask mIoU / F) are scored whenever they are test sets; these
+    # add passes to every test set:
+    config.eval.negative_audio = ()  # any of "silence", "noise", "offscreen": pIA and AOC
+    config.eval.negative_threshold = "positive"  # positive (eval.threshold on each image's own
+    #   map) | a number on the raw map (vssl_eval's --threshold)
+    config.eval.retrieval = False  # audio <-> image recall@1/5/10 (pooled V_i and A_i)
+    config.eval.retrieval_pooling = "mean"  # mean | max: how V_i is pooled over positions
+    config.eval.mask_threshold = "median_gt"  # AVSBench masks: SSLalignment's map > median
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2

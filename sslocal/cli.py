@@ -30,8 +30,9 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "localize": ("sslocal localize --checkpoint PATH (--video FILE | --image FILE --audio FILE) "
                  "--out DIR", "heatmaps of where the sound comes from, on your own clips",
                  ("checkpoint", "video", "image", "audio", "every", "ogl", "out", "config")),
-    "convert": ("sslocal convert IN.pth OUT_DIR",
-                "a PyTorch checkpoint (EZ-VSL format) -> an sslocal model directory", ()),
+    "convert": ("sslocal convert IN.pth OUT_DIR [--format auto|ezvsl|lvs|slavc|ssltie] "
+                "[--momentum]", "a released PyTorch checkpoint (EZ-VSL, FNAC, marginNCE, LVS, "
+                "SLAVC, SSL-TIE) -> an sslocal model directory", ("format", "momentum")),
     "benchmark": ("sslocal benchmark {step|input|e2e} --config FILE [--dataset NAME] [--out P]",
                   "throughput of the train step, the input pipeline, or both",
                   ("config", "dataset", "out")),
@@ -68,6 +69,10 @@ flags.DEFINE_string("audio", None, "localize: an audio file (with --image)")
 flags.DEFINE_float("every", 1.0, "localize: seconds between the steps of a video")
 flags.DEFINE_list("margins", ["0.2", "0", "-0.1", "-0.2", "-0.3", "-0.4"], "study margin: margins")
 flags.DEFINE_integer("seeds", 3, "study: seeds (per margin)")
+flags.DEFINE_string("format", "auto", "convert: the file's layout (auto: recognised from its "
+                    "keys; ezvsl also reads FNAC and marginNCE files)")
+flags.DEFINE_bool("momentum", False, "convert: SLAVC: take the momentum encoders (its test.py "
+                  "--use_mom_eval) instead of the online ones")
 FLAGS = flags.FLAGS
 # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended. A preempted run saves
 # and exits with it, so that schedulers (SLURM --requeue, job retries) see an unfinished job.
@@ -149,8 +154,9 @@ def _dispatch(command: str, args: list[str]) -> None:
         from sslocal.models import factory
 
         if len(args) != 2:
-            raise UserError("usage: sslocal convert IN.pth OUT_DIR")
-        factory.convert_checkpoint(args[0], args[1])
+            raise UserError(f"usage: {COMMANDS['convert'][0]}")
+        factory.convert_checkpoint(args[0], args[1], format=FLAGS.format,
+                                   momentum=FLAGS.momentum)
     elif command == "benchmark":
         from sslocal import benchmark
 

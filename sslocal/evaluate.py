@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from sslocal import sharding
@@ -49,6 +50,7 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
                                for name, v in shown.items())
             lines.append(f"{'':<40} extended ({ext['variant']}, all): {values}  "
                          f"({n_silent} non-sounding)")
+        lines += [f"{'':<40} {line}" for line in benchmark_lines(s)]
     variants = {json.dumps(s["protocol_variant"], sort_keys=True): s["protocol_variant"]
                 for s in rows.values() if "protocol_variant" in s}
     for v in variants.values():
@@ -59,12 +61,57 @@ def metrics_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def benchmark_lines(s: dict[str, Any]) -> list[str]:
+    """The table's lines of a summary's benchmark numbers (x 100), each naming its variant:
+    IS3's iIoU / iAUC and the adaptive threshold, AVSBench's masks, negative audio,
+    retrieval (docs/protocol.md section 9)."""
+    lines = []
+    if "iIoU" in s:
+        line = f"IS3 interactive: iIoU {_pct(s['iIoU'])} iAUC {_pct(s['iAUC'])} " \
+               f"({s['N_images']} images)"
+        if "adaptive" in s:
+            a = s["adaptive"]
+            line += (f"; adaptive threshold: cIoU {_pct(a['cIoU'])} AUC {_pct(a['AUC'])} "
+                     f"iIoU {_pct(a.get('iIoU'))} iAUC {_pct(a.get('iAUC'))}")
+        lines.append(line)
+    if "mask" in s:
+        m = s["mask"]
+        others = "; ".join(f"{name} mIoU {_pct(v['mIoU'])} F {_pct(v['F'])}"
+                           for name, v in m.get("other_variants", {}).items())
+        lines.append(f"masks ({m['variant']}, {m['threshold']}): mIoU {_pct(s['mIoU'])} "
+                     f"F {_pct(s['F'])} ({m['N']} frames, {m['N_F']} with a mask); {others}")
+    if "negative_audio" in s:
+        neg = s["negative_audio"]
+        kinds = "; ".join(f"{kind} pIA {_pct(neg[kind]['pIA'])} AOC {_pct(neg[kind]['AOC'])}"
+                          for kind in ("silence", "noise", "offscreen") if kind in neg)
+        lines.append(f"negative audio (threshold {neg['threshold']}): {kinds}")
+    if "retrieval" in s:
+        r = s["retrieval"]
+        sides = "; ".join(
+            f"{side.replace('_to_', '->').replace('audio', 'a').replace('image', 'i')} "
+            + " ".join(f"{k} {_pct(v)}" for k, v in r[side].items() if k.startswith("R@"))
+            for side in ("audio_to_image", "image_to_audio"))
+        lines.append(f"retrieval ({r['pooling']} pooling, N {r['N']}): {sides}")
+    return lines
+
+
 def _file_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "result"
 
 
 def write_results(out: Path, label: str, result: EvalResult) -> Path:
-    """per_sample/<label>.json: every sample's cIoU (test-set order), with the protocol variant."""
+    """per_sample/<label>.json: every sample's cIoU (test-set order), with the protocol
+    variant; for the benchmark sets also (test-set order) "cIoU_<rule>_<kind>" (IS3's
+    adaptive threshold), "image_id" (IS3's pairs), "mask_iou_<kind>", "mask_nonempty",
+    "mask_F0_<kind>" and "mask_F_<kind>" (AVSBench: a frame's F-curve of the binarised map is
+    F0 at threshold 0, where the whole frame is predicted, and F at every threshold above),
+    "pIA_<kind>" and "pIA_threshold_<kind>" (negative audio) with "offscreen_id"; the
+    retrieval embeddings go to per_sample/<label>.embeddings.npz ("image": V pooled, "audio":
+    A, unnormalised float32)."""
     (out / "per_sample").mkdir(parents=True, exist_ok=True)
     per_sample = {"label": label, "test_set": result.name,
                   "protocol_variant": result.summary.get("protocol_variant"),
@@ -74,7 +121,29 @@ def write_results(out: Path, label: str, result: EvalResult) -> Path:
                   "confidence": result.confidence.tolist(),
                   "num_boxes": result.num_boxes.tolist(),
                   "area": None if result.areas is None else result.areas.tolist(),
-                  **{f"cIoU_{k}": v.tolist() for k, v in result.cious.items()}}
+                  **{f"cIoU_{k}": v.tolist() for k, v in result.cious.items()},
+                  "benchmark": result.benchmark}
+    for rule, per_kind in result.threshold_cious.items():
+        per_sample.update({f"cIoU_{rule}_{k}": v.tolist() for k, v in per_kind.items()})
+    if result.groups is not None:
+        per_sample["image_id"] = list(result.groups)
+    for kind, frames in result.mask_frames.items():
+        f = np.asarray(frames["f"])
+        if not np.all(f[:, 1:] == f[:, 1:2]):  # the binarised map: one value above 0
+            raise RuntimeError("a binarised F-curve varies above threshold 0")
+        per_sample[f"mask_iou_{kind}"] = frames["iou"].tolist()
+        per_sample["mask_nonempty"] = frames["nonempty"].tolist()
+        per_sample[f"mask_F0_{kind}"], per_sample[f"mask_F_{kind}"] = (f[:, 0].tolist(),
+                                                                       f[:, 1].tolist())
+    for kind, parts in result.negative.items():
+        per_sample[f"pIA_{kind}"] = parts["pia"].tolist()
+        per_sample[f"pIA_threshold_{kind}"] = parts["threshold"].tolist()
+        if "partner" in parts:
+            per_sample["offscreen_id"] = [result.ids[j] for j in parts["partner"].tolist()]
+    if result.embeddings is not None:
+        with (out / "per_sample" / f"{_file_name(label)}.embeddings.npz").open("wb") as f:
+            np.savez(f, **{side: np.asarray(v, np.float32)
+                           for side, v in result.embeddings.items()})
     path = out / "per_sample" / f"{_file_name(label)}.json"
     path.write_text(json.dumps(per_sample))
     return path
@@ -166,7 +235,8 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
          report: bool = False, out: str | None = None, dataset: str | None = None,
          baselines: bool = False, ids: str | None = None) -> dict:
     """`sslocal evaluate`: every checkpoint (workdir, model directory or PyTorch file) on every
-    test set of the config (or `dataset`), at the frame size each model was trained at. `ids`
+    test set of the config (or of `dataset`: one name or several, comma-separated: "is3/test,
+    avsbench/s4"), at the frame size each model was trained at. `ids`
     (or config.eval.ids_file): a list file restricting the test sets to its clips (a named
     test subset, recorded in every result; the ids a set lacks are printed and recorded)."""
     if not checkpoints:
@@ -174,7 +244,7 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
     check_paths(*checkpoints, out, ids, config.data_dir)  # a missing `gcs` extra: one line, first
     mesh = sharding.make_mesh()
     evaluator = Evaluator(config, mesh, ogl=ogl)
-    names = [dataset] if dataset else list(config.test_datasets)
+    names = dataset_names(dataset) if dataset else list(config.test_datasets)
     data_dir = os.fspath(as_path(config.data_dir)) if config.data_dir else None
     sources = {name: data_prepare.load_split(name, "test", data_dir) for name in names}
     subsets = {}
@@ -194,6 +264,17 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
               for checkpoint, label in zip(checkpoints, model_labels(checkpoints), strict=True))
     return evaluate_models(evaluator, models, sources, out or default_out(checkpoints[0]),
                            report=report, baselines=baselines, subsets=subsets)
+
+
+def dataset_names(dataset: str) -> list[str]:
+    """`--dataset A,B,...`: the test sets, in order (a name given twice is an error)."""
+    names = [name.strip() for name in dataset.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--dataset names no test set: {dataset!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--dataset names {', '.join(repeated)} more than once")
+    return names
 
 
 def default_out(checkpoint: str | Path) -> Path:

@@ -2,7 +2,9 @@
 
 The response map alpha (similarity of every image position with every audio), its diagonal
 alpha_ii (each clip's localization map), upsampling, min-max normalisation and OGL fusion are
-used by the losses, the evaluator and `sslocal localize` from here only.
+used by the losses, the evaluator and `sslocal localize` from here only. A model with several
+projection heads (SLAVC) joins them with `join_heads`, so that its alpha_ii is the mean of the
+heads' maps (`map_rule`, recorded in result files).
 
 Precision (docs/protocol.md section 8): every matrix product here runs in float32 with
 `Precision.HIGHEST`. On GPUs XLA would otherwise use TF32 (and TPUs one bf16 pass), which moves
@@ -75,6 +77,32 @@ def diagonal_map(V: jax.Array, A: jax.Array) -> jax.Array:
     forming (or gathering the diagonal of) the B x B map."""
     return jnp.einsum("ihwd,id->ihw", jnp.asarray(V).astype(_F32), jnp.asarray(A).astype(_F32),
                       precision=PRECISION)
+
+
+def join_heads(heads) -> jax.Array:
+    """K heads' unit vectors [(..., D)] * K -> (..., K * D) unit vectors whose inner products
+    are the mean of the heads' inner products: concat(x_1..x_K) / sqrt(K), since
+    <concat(v_k), concat(a_k)> / K = (1/K) sum_k <v_k, a_k>.
+
+    SLAVC's map (stoneMo/SLAVC model.py: Savl = (Savl1 + Savl2) / 2) is therefore alpha_ii of
+    the joined V and A, and every consumer of (V, A) (the maps, the losses, pooled embeddings)
+    sees unit vectors as with one head."""
+    heads = [jnp.asarray(h).astype(_F32) for h in heads]
+    if not heads or len({h.shape for h in heads}) != 1:
+        raise ValueError(f"expected one or more heads of one shape, got "
+                         f"{[h.shape for h in heads]}")
+    return jnp.concatenate(heads, axis=-1) * jnp.float32(1.0 / np.sqrt(len(heads)))
+
+
+MAP_RULES = ("cosine", "mean_of_heads")
+
+
+def map_rule(heads: int) -> str:
+    """The name of the rule that makes alpha_ii of a model with `heads` projection heads
+    (result files record it, metrics.protocol_variant): "cosine" (<V_i, A_i>; EZ-VSL, FNAC,
+    marginNCE, LVS, SSL-TIE) or "mean_of_heads" (the mean of the heads' cosines; SLAVC). Both
+    are diagonal_map of the model's joined unit vectors (join_heads)."""
+    return MAP_RULES[0] if heads == 1 else MAP_RULES[1]
 
 
 def _bilinear_matrix(n_in: int, n_out: int, align_corners: bool) -> np.ndarray:

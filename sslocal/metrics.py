@@ -386,13 +386,25 @@ _OGL_FUSION_RULES = {
 }
 
 
+# How alpha_ii is made from the model's outputs (sslocal.maps.map_rule; docs/protocol.md
+# section 2, "Released models").
+_MAP_RULES = {
+    "cosine": "alpha_ii[h, w] = <V_i[h, w], A_i>",
+    "mean_of_heads": "alpha_ii = mean over the projection heads k of <V_ik[h, w], A_ik> (SLAVC)",
+}
+
+
 def protocol_variant(
     threshold="median_ge", upsample: str = "bilinear_align_corners", ogl_alpha=None,
-    extended: str = "slavc", ogl_fusion: str | None = None,
+    extended: str = "slavc", ogl_fusion: str | None = None, map_rule: str = "cosine",
+    model_format: str | None = None,
 ) -> dict:
     """The evaluation conventions in use, for result files. ogl_fusion defaults to "minmax"
-    when OGL is on (ogl_alpha given) and is None without OGL."""
+    when OGL is on (ogl_alpha given) and is None without OGL. map_rule and model_format name
+    the model's map rule and the released format it was converted from (None: sslocal's own)."""
     _check_variant(extended)
+    if map_rule not in _MAP_RULES:
+        raise ValueError(f"unknown map rule {map_rule!r}; choose one of {tuple(_MAP_RULES)}")
     if ogl_alpha is not None and ogl_fusion is None:
         ogl_fusion = "minmax"
     if ogl_fusion is not None and ogl_fusion not in _OGL_FUSION_RULES:
@@ -413,6 +425,9 @@ def protocol_variant(
         "extended_variant": extended,
         "extended": _EXTENDED_RULES[extended],
         "confidence": "mean of the top quarter of the un-normalised upsampled alpha_ii",
+        "map_rule": map_rule,
+        "map": _MAP_RULES[map_rule],
+        "model_format": model_format,
     }
 
 
@@ -554,11 +569,24 @@ def mask_miou_fscore(pred_maps, masks, *, threshold="median_gt", variant: str = 
     """
     if variant not in MASK_VARIANTS:
         raise ValueError(f"unknown mask variant {variant!r}; choose one of {MASK_VARIANTS}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    frames = mask_frame_scores(pred_maps, masks, threshold=threshold, fscore_input=fscore_input,
+                               eps=eps)
+    return mask_aggregate(frames["iou"], frames["f"], frames["nonempty"], variant=variant,
+                          batch_size=batch_size)
+
+
+def mask_frame_scores(pred_maps, masks, *, threshold="median_gt", fscore_input: str = "binarised",
+                      eps: float = MASK_IOU_EPS) -> dict:
+    """The per-frame part of `mask_miou_fscore` (the prediction, the IoU and the F-curve of
+    each frame, defined there): {"iou" (B,), "f" (B, 255) each frame's F at the 255
+    thresholds, "nonempty" (B,) whether its mask has a foreground pixel}. The evaluator scores
+    batch by batch with it and aggregates once (`mask_aggregate`), so the maps of a whole test
+    set never sit in memory together."""
     if fscore_input not in MASK_FSCORE_INPUTS:
         raise ValueError(f"unknown fscore_input {fscore_input!r}; choose one of "
                          f"{MASK_FSCORE_INPUTS}")
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     pred = _checked_maps(pred_maps)
     m_all = _binary_masks(masks, pred.shape)
     n, n_pixels = pred.shape[0], pred.shape[1] * pred.shape[2]
@@ -586,6 +614,24 @@ def mask_miou_fscore(pred_maps, masks, *, threshold="median_gt", variant: str = 
         den = FSCORE_BETA2 * precision + recall
         f[start : start + len(flat)] = np.divide(num, den, out=np.zeros_like(num),
                                                  where=den > 0)
+    return {"iou": iou, "f": f, "nonempty": nonempty}
+
+
+def mask_aggregate(iou, f, nonempty, *, variant: str = "frames",
+                   batch_size: int = SSLALIGNMENT_BATCH) -> dict:
+    """The aggregation part of `mask_miou_fscore` (its variants, defined there) over the
+    per-frame scores of `mask_frame_scores`, frames in test-set order."""
+    if variant not in MASK_VARIANTS:
+        raise ValueError(f"unknown mask variant {variant!r}; choose one of {MASK_VARIANTS}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    iou = np.asarray(iou, dtype=np.float64).reshape(-1)
+    f = np.asarray(f, dtype=np.float64).reshape(iou.size, FSCORE_THRESHOLDS.size)
+    nonempty = np.asarray(nonempty, bool).reshape(-1)
+    if iou.size == 0 or nonempty.size != iou.size:
+        raise ValueError(f"expected per-frame scores of one length > 0, got {iou.size} IoUs "
+                         f"and {nonempty.size} mask flags")
+    n = iou.size
     counted = np.flatnonzero(nonempty)
     curve = f[counted].mean(axis=0) if counted.size else np.zeros(FSCORE_THRESHOLDS.size)
     f_score = float(curve.max()) if counted.size else None
@@ -662,12 +708,24 @@ def negative_audio_pia(pred_maps, threshold, *, positive_maps=None, gt_maps=None
         flat = maps[start : start + _CHUNK].reshape(-1, n_pixels)
         t_chunk = thr[start : start + _CHUNK, None].astype(flat.dtype)
         pia[start : start + len(flat)] = np.count_nonzero(flat > t_chunk, axis=1) / n_pixels
+    return {**pia_summary(pia, thresholds), "threshold": thr}
+
+
+def pia_summary(pia, thresholds=AUC_THRESHOLDS) -> dict:
+    """The set-level part of `negative_audio_pia` from per-sample pIA values (B,) in [0, 1]:
+    {"pIA", "AOC", "N", "pia", "curve", "quantiles", "histogram"}, defined there. The
+    evaluator computes pIA batch by batch and summarises once."""
+    pia = np.asarray(pia, dtype=np.float64).reshape(-1)
+    if pia.size == 0:
+        raise ValueError("no pIA values")
+    if not np.all((pia >= 0) & (pia <= 1)):
+        raise ValueError("pIA values must lie in [0, 1]")
     t = np.asarray(thresholds, dtype=np.float64)
     curve = np.mean(pia[None, :] <= t[:, None], axis=1)
     q = np.quantile(pia, [0.0, 0.25, 0.5, 0.75, 1.0])
     hist, _ = np.histogram(pia, bins=np.linspace(0.0, 1.0, 21))
-    return {"pIA": float(pia.mean()), "AOC": _trapezoid(t, curve), "N": int(n), "pia": pia,
-            "threshold": thr, "curve": (t, curve),
+    return {"pIA": float(pia.mean()), "AOC": _trapezoid(t, curve), "N": int(pia.size),
+            "pia": pia, "curve": (t, curve),
             "quantiles": dict(zip(("min", "q25", "median", "q75", "max"),
                                   (float(v) for v in q), strict=True)),
             "histogram": hist.astype(np.int64)}

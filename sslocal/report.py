@@ -104,15 +104,36 @@ def blend(frame: np.ndarray, heat: np.ndarray, alpha: float = BLEND) -> np.ndarr
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
+def mask_outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """The boundary of a binary (H, W) mask, `width` pixels wide inside it: the mask minus
+    its erosion by a (2 width + 1) square."""
+    m = np.asarray(mask, bool)
+    eroded = m.copy()
+    for _ in range(width):
+        padded = np.pad(eroded, 1, constant_values=False)
+        eroded = eroded & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & \
+            padded[1:-1, 2:] & padded[:-2, :-2] & padded[2:, 2:] & padded[:-2, 2:] & \
+            padded[2:, :-2]
+    return m & ~eroded
+
+
 def overlay_image(frame: np.ndarray, heat: np.ndarray | None = None, boxes=(),
-                  caption: str = "") -> Image.Image:
+                  caption: str = "", mask: np.ndarray | None = None) -> Image.Image:
     """The frame (uint8 (224, 224, 3)) with the map blended at BLEND, the ground-truth boxes
-    (end-exclusive 224-px coordinates) as white rectangles, and a caption strip below."""
+    (end-exclusive 224-px coordinates) as white rectangles or, for a mask ((224, 224)
+    binary: AVSBench's ground truth), its outline in white, and a caption strip below."""
     frame = np.asarray(frame)
     if frame.shape != (OVERLAY_SIZE, OVERLAY_SIZE, 3) or frame.dtype != np.uint8:
         raise ValueError(f"expected a uint8 ({OVERLAY_SIZE}, {OVERLAY_SIZE}, 3) frame, got "
                          f"{frame.dtype} {frame.shape}")
-    image = Image.fromarray(frame if heat is None else blend(frame, heat))
+    pixels = frame if heat is None else blend(frame, heat)
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != frame.shape[:2]:
+            raise ValueError(f"mask {mask.shape} does not match the frame {frame.shape[:2]}")
+        pixels = pixels.copy()
+        pixels[mask_outline(mask)] = 255
+    image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     for xmin, ymin, xmax, ymax in np.asarray(boxes, np.float64).reshape(-1, 4).astype(int):
         if xmax > xmin and ymax > ymin:  # empty boxes (clipped coordinates) draw nothing
@@ -203,6 +224,18 @@ def precision_recall_plot(lines: Mapping[str, tuple[np.ndarray, np.ndarray, str,
     return path
 
 
+def curve_plot(lines: Mapping[str, tuple[np.ndarray, np.ndarray, str]], path: Path, title: str,
+               xlabel: str, ylabel: str, xlim=(0, 1)) -> Path:
+    """One line per label: (x, y, matplotlib linestyle); the benchmark sets' curves."""
+    figure, ax = _figure()
+    for i, (label, (x, y, style)) in enumerate(lines.items()):
+        ax.plot(np.asarray(x, np.float64), np.asarray(y, np.float64), linestyle=style,
+                color=f"C{i % 10}", marker="o", markersize=2, linewidth=1.2, label=label)
+    ax.set(xlim=xlim, ylim=(0, 1.02), xlabel=xlabel, ylabel=ylabel, title=title)
+    _save(figure, ax, path)
+    return path
+
+
 # -- collecting and writing -----------------------------------------------------------------
 
 @dataclass
@@ -218,6 +251,7 @@ class _Shown:
     boxes: np.ndarray
     image: np.ndarray
     spec: np.ndarray
+    mask: np.ndarray | None = None  # AVSBench: the ground-truth mask, drawn as an outline
 
 
 @dataclass
@@ -225,6 +259,10 @@ class _Model:
     label: str
     results: dict[str, Any]  # test set -> evaluate.EvalResult
     maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # set -> kind -> (n,..)
+    # IS3: the maps of the shown images' pairs (set -> kind -> (n,..)); negative audio: the
+    # shown samples' predictions, raw map > the pIA threshold (set -> audio -> (n, 224, 224)).
+    pair_maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    negative: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 def _slug(text: str) -> str:
@@ -249,6 +287,10 @@ class Report:
         self.per_group = per_group
         self.models: list[_Model] = []
         self.shown: dict[str, list[_Shown]] = {}
+        # IS3: the shown images' pairs (each image's pairs in source order); negative audio:
+        # per audio kind the samples the first model lights up most (set -> kind -> samples).
+        self.pairs: dict[str, list[_Shown]] = {}
+        self.negative: dict[str, dict[str, list[_Shown]]] = {}
         self.rows: list[tuple[str, str, dict[str, Any]]] = []  # (label, test set, summary)
         self.descriptions: dict[str, str] = {}  # label -> its line in the metric table
 
@@ -263,6 +305,10 @@ class Report:
             raise ValueError(f"{label}: no results for test sets {missing}")
         if not self.models:
             self.shown = {name: self._pick(name, results[name]) for name in self.sources}
+            self.pairs = {name: self._pick_pairs(name, results[name]) for name in self.sources
+                          if results[name].groups is not None}
+            self.negative = {name: self._pick_negative(name, results[name])
+                             for name in self.sources if results[name].negative}
         model = _Model(label, {name: results[name] for name in self.sources})
         for name, samples in self.shown.items():
             if len(results[name].ids) != len(self.sources[name]):
@@ -270,6 +316,10 @@ class Report:
                                  f"{len(self.sources[name])} samples")
             if samples:
                 model.maps[name] = self._maps(maps, samples, list(results[name].cious))
+        for name, samples in self.pairs.items():
+            model.pair_maps[name] = self._maps(maps, samples, list(results[name].cious))
+        for name, per_kind in self.negative.items():
+            model.negative[name] = self._negative_maps(maps, name, results[name], per_kind)
         self.models.append(model)
 
     def add_rows(self, summaries: Mapping[str, Mapping[str, Any]],
@@ -299,24 +349,76 @@ class Report:
             self.rows.append((label, name, dict(summary)))
 
     def _pick(self, name: str, result: Any) -> list[_Shown]:
-        chosen = select_samples(result.cious["av"], result.sounding, result.confidence,
+        """best / median / worst by cIoU (AVSBench: by the mask IoU; IS3 shows its images'
+        pairs instead, `_pick_pairs`)."""
+        if result.groups is not None:
+            return []
+        scores = (result.mask_frames["av"]["iou"] if result.mask_frames
+                  else result.cious["av"])
+        chosen = select_samples(scores, result.sounding, result.confidence, self.per_group)
+        return [self._shown(name, result, group, index)
+                for group, indices in chosen.items() for index in indices]
+
+    def _shown(self, name: str, result: Any, group: str, index: int) -> _Shown:
+        record = self.sources[name][index]
+        clip_id = pipeline.record_id(record)
+        if clip_id != result.ids[index]:
+            raise RuntimeError(f"{name}: result {index} is {result.ids[index]!r} but "
+                               f"the record is {clip_id!r}: results out of order")
+        mask = None
+        if result.mask_frames:
+            from sslocal.data.builders._benchmark import decode_mask
+
+            mask = decode_mask(record["mask"]).astype(bool)
+        return _Shown(group=group, index=index, clip_id=clip_id,
+                      sounding=bool(result.sounding[index]), frame=frame_224(record),
+                      boxes=np.asarray(record["boxes"], np.float64).reshape(-1, 4),
+                      image=pipeline.decode_image(record["image"]),
+                      spec=pipeline.stored_spectrogram(record["spectrogram"]), mask=mask)
+
+    def _pick_pairs(self, name: str, result: Any) -> list[_Shown]:
+        """IS3: the best / median / worst images by the first model's minimum cIoU over their
+        sources (what iIoU counts), every pair of each image, in source order."""
+        groups = np.asarray(result.groups)
+        names, inverse = np.unique(groups, return_inverse=True)
+        minima = np.full(names.size, np.inf)
+        np.minimum.at(minima, inverse, result.cious["av"])
+        chosen = select_samples(minima, np.ones(names.size, bool), np.zeros(names.size),
                                 self.per_group)
-        source = self.sources[name]
-        shown = []
-        for group, indices in chosen.items():
-            for index in indices:
-                record = source[index]
-                clip_id = pipeline.record_id(record)
-                if clip_id != result.ids[index]:
-                    raise RuntimeError(f"{name}: result {index} is {result.ids[index]!r} but "
-                                       f"the record is {clip_id!r}: results out of order")
-                shown.append(_Shown(
-                    group=group, index=index, clip_id=clip_id,
-                    sounding=bool(result.sounding[index]), frame=frame_224(record),
-                    boxes=np.asarray(record["boxes"], np.float64).reshape(-1, 4),
-                    image=pipeline.decode_image(record["image"]),
-                    spec=pipeline.stored_spectrogram(record["spectrogram"])))
-        return shown
+        return [self._shown(name, result, f"{group} images", int(i))
+                for group, images in chosen.items() for image in images
+                for i in np.flatnonzero(inverse == image)]
+
+    def _pick_negative(self, name: str, result: Any) -> dict[str, list[_Shown]]:
+        """Per negative audio, the samples whose prediction covers the most of the frame for
+        the first model (the largest pIA: what a model that lights up everything shows)."""
+        out = {}
+        for kind, parts in result.negative.items():
+            pia = np.asarray(parts["pia"])
+            candidates = np.flatnonzero(result.sounding)  # as the metric: sounding samples
+            order = candidates[np.lexsort((candidates, -pia[candidates]))][:min(self.per_group,
+                                                                                  2)]
+            out[kind] = [self._shown(name, result, f"{kind}: largest pIA", int(i))
+                         for i in order]
+        return out
+
+    def _negative_maps(self, maps: MapFn, name: str, result: Any,
+                       per_kind: dict[str, list[_Shown]]) -> dict[str, np.ndarray]:
+        """The shown samples' predictions with each negative audio: raw map > that sample's
+        pIA threshold, the pixels pIA counts (the negative spectrograms as the evaluation
+        made them)."""
+        from sslocal import evaluator
+
+        out = {}
+        for kind, samples in per_kind.items():
+            partner = result.negative[kind].get("partner")
+            specs = np.stack([evaluator.negative_spectrogram(kind, s.index, self.sources[name],
+                                                             self.config.seed, partner)
+                              for s in samples])
+            raw = np.asarray(maps([s.image for s in samples], specs)["raw"], np.float32)
+            thr = np.asarray(result.negative[kind]["threshold"])[[s.index for s in samples]]
+            out[kind] = raw > thr[:, None, None].astype(np.float32)
+        return out
 
     def _maps(self, maps: MapFn, samples: list[_Shown], kinds: list[str]) -> dict:
         out = maps([sample.image for sample in samples],
@@ -373,6 +475,7 @@ class Report:
                           "Extended evaluation, all samples: precision against recall as the "
                           "confidence threshold falls (non-sounding pairs are false "
                           "positives); solid u = 0.5, dashed u = 0.75."))
+        plots += self._benchmark_plots(out, slug, name, columns)
         parts = [f'<section id="set-{t}"><h2>{_e(name)}</h2>',
                  f'<p class="meta">{int(sounding.sum())} sounding samples'
                  + (f", {int((~sounding).sum())} non-sounding pairs" if not sounding.all()
@@ -382,26 +485,252 @@ class Report:
         parts.append("</div>")
         if extended:
             parts.append(self._extended_table(name, extended))
+        parts.append(self._benchmark_tables(name, columns))
         shown = self.shown[name]
         if shown:
-            parts.append(f'<p class="meta">Samples chosen by the cIoU of '
-                         f"{_e(self.models[0].label)}; white boxes: ground truth.</p>")
+            by = ("the mask IoU" if first.mask_frames else "the cIoU")
+            truth = ("white outlines: ground-truth masks" if first.mask_frames
+                     else "white boxes: ground truth")
+            parts.append(f'<p class="meta">Samples chosen by {by} of '
+                         f"{_e(self.models[0].label)}; {truth}.</p>")
         for group in dict.fromkeys(s.group for s in shown):
             parts.append(f"<h3>{_e(group.capitalize())}</h3>")
             in_group = [(i, s) for i, s in enumerate(shown) if s.group == group]
             for j, (position, sample) in enumerate(in_group):
                 parts.append(self._row(out, f"{slug}-{_slug(group)}{j}", position, sample,
                                        columns, name))
+        parts += self._pair_rows(out, slug, name, columns)
+        parts += self._negative_rows(out, slug, name)
         parts.append("</section>")
         return "\n".join(parts)
+
+    # -- the benchmarks since 2023 (docs/protocol.md section 9) -----------------------------
+
+    def _benchmark_plots(self, out: Path, slug: str, name: str, columns: list
+                         ) -> list[tuple[Path, str]]:
+        """IS3: the fraction of images whose every source reaches t (protocol and adaptive
+        thresholds); AVSBench: the fraction of frames with mask IoU >= t and the F-curve;
+        negative audio: C(t) per audio; retrieval: recall@k against k."""
+        first = self.models[0].results[name]
+        plots, t = [], metrics.AUC_THRESHOLDS
+        if first.groups is not None:
+            lines = {}
+            for m, kind, label in columns:
+                r = m.results[name]
+                rules = {"protocol": r.cious[kind], **{rule: c[kind] for rule, c in
+                                                        r.threshold_cious.items()}}
+                for (rule, cious), style in zip(rules.items(), ("-", "--", ":"), strict=False):
+                    _, minima, _ = metrics.image_min_ciou(cious, r.groups)
+                    lines[f"{label}, {rule}"] = (t, [np.mean(minima >= x) for x in t], style)
+            plots.append((curve_plot(lines, out / "plots" / f"iiou-{slug}.png",
+                                     f"{name}: interactive success", "cIoU threshold t",
+                                     "fraction of images, every source >= t"),
+                          "Interactive success: the fraction of images whose every source, "
+                          "queried with its own audio, has cIoU &ge; t (iAUC = area under "
+                          "it); solid: the protocol threshold, dashed: adaptive."))
+        if first.mask_frames:
+            iou_lines, f_lines = {}, {}
+            for m, kind, label in columns:
+                frames = m.results[name].mask_frames[kind]
+                iou_lines[label] = (t, [np.mean(frames["iou"] >= x) for x in t], "-")
+                scores = metrics.mask_aggregate(frames["iou"], frames["f"], frames["nonempty"])
+                f_lines[f"{label} (F {_pct(scores['F'])})"] = (
+                    metrics.FSCORE_THRESHOLDS, scores["f_curve"], "-")
+            plots.append((curve_plot(iou_lines, out / "plots" / f"miou-{slug}.png",
+                                     f"{name}: mask IoU", "IoU threshold t",
+                                     "fraction of frames with IoU >= t"),
+                          "Per-frame mask IoU: the fraction of frames with IoU &ge; t (mIoU = "
+                          "the area under it)."))
+            plots.append((curve_plot(f_lines, out / "plots" / f"fcurve-{slug}.png",
+                                     f"{name}: F-curve", "threshold of the binarised map",
+                                     "F (beta^2 = 0.3), mean over frames"),
+                          "F-measure averaged over the frames with a mask at each of the 255 "
+                          "thresholds, then maximised (the binarised map: the whole frame at "
+                          "0, the prediction above)."))
+        if first.negative and first.sounding.any():
+            lines = {}
+            for m in self.models:
+                r = m.results[name]
+                for kind, parts in r.negative.items():
+                    scores = metrics.pia_summary(parts["pia"][r.sounding])
+                    lines[f"{m.label}, {kind} (AOC {_pct(scores['AOC'])})"] = (
+                        *scores["curve"], "-")
+            plots.append((curve_plot(lines, out / "plots" / f"pia-{slug}.png",
+                                     f"{name}: negative audio", "pIA threshold t",
+                                     "fraction of samples with pIA <= t"),
+                          "Negative audio: the fraction of samples whose predicted area (pIA) "
+                          "is at most t, with silence, noise or an off-screen sound in place "
+                          "of the clip's audio (AOC = area under it; 1: nothing lights up)."))
+        if first.embeddings is not None and first.sounding.any():
+            lines = {}
+            for m in self.models:
+                r = m.results[name]
+                if r.embeddings is None:
+                    continue
+                n = int(r.sounding.sum())
+                ks = np.arange(1, min(n, 50) + 1)
+                pooled = r.embeddings["image"][r.sounding][:, None, None]
+                recall = metrics.retrieval_recall(
+                    metrics.pooled_image_embeddings(pooled, r.benchmark["retrieval_pooling"]),
+                    r.embeddings["audio"][r.sounding], ks=tuple(ks))
+                for side, style in (("audio_to_image", "-"), ("image_to_audio", "--")):
+                    lines[f"{m.label}, {side.replace('_to_', ' -> ')}"] = (
+                        ks, [recall[side][f"R@{k}"] for k in ks], style)
+            plots.append((curve_plot(lines, out / "plots" / f"recall-{slug}.png",
+                                     f"{name}: retrieval", "k", "recall@k",
+                                     xlim=(1, max(2, len(ks)))),
+                          "Cross-modal retrieval: the fraction of queries whose own pair "
+                          "ranks in the first k (solid audio &rarr; image, dashed image "
+                          "&rarr; audio)."))
+        return plots
+
+    def _benchmark_tables(self, name: str, columns: list) -> str:
+        """The set's own metric tables, each row naming its variant: IS3 (both thresholds),
+        AVSBench's masks (the three aggregations), negative audio, retrieval."""
+        parts, first = [], self.models[0].results[name]
+        if first.groups is not None:
+            rows = []
+            for m, kind, label in columns:
+                s, p = m.results[name].summary, "" if kind == "av" else f"{kind}_"
+                variant = s.get("protocol_variant", {}).get("threshold_rule", "")
+                entries = [(variant, s)] + [(s[rule]["threshold_rule"], s[rule])
+                                            for rule in m.results[name].threshold_cious]
+                for rule, e in entries:
+                    rows.append([_e(label), _e(rule), str(e.get(p + "N", s["N"])),
+                                 str(s.get(p + "N_images", ""))]
+                                + [_pct(e.get(p + k)) for k in ("cIoU", "AUC", "iIoU",
+                                                                 "iAUC")])
+            parts.append("<h3>IS3: both sources of every image</h3>"
+                         f'<p class="note">{_e(first.summary.get("iIoU_rule", ""))}.</p>'
+                         + _table("metrics", ["model", "threshold", "pairs", "images", "cIoU",
+                                              "AUC", "iIoU", "iAUC"], rows))
+        if first.mask_frames:
+            rows = []
+            for m, kind, label in columns:
+                s, p = m.results[name].summary, "" if kind == "av" else f"{kind}_"
+                mask = s["mask"]
+                rows.append([_e(label), "frames (averaged first)", str(mask[p + "N"]),
+                             str(mask[p + "N_F"]), _pct(s[p + "mIoU"]), _pct(s[p + "F"])])
+                for variant, v in mask.get("other_variants", {}).items():
+                    rows.append([_e(label), _e(f"{variant}: {v['rule']}"), str(mask[p + "N"]),
+                                 str(mask[p + "N_F"]), _pct(v[p + "mIoU"]), _pct(v[p + "F"])])
+            mask = first.summary["mask"]
+            parts.append(f"<h3>AVSBench masks (threshold {_e(mask['threshold'])}: "
+                         f"{_e(mask['threshold_rule'])})</h3>"
+                         f'<p class="note">{_e(mask["rule"])}.</p>'
+                         + _table("metrics", ["model", "aggregation", "frames", "with a mask",
+                                              "mIoU", "F"], rows))
+        if "negative_audio" in first.summary:
+            rows = []
+            for m in self.models:
+                neg = m.results[name].summary["negative_audio"]
+                for kind in m.results[name].negative:
+                    q = neg[kind]["quantiles"]
+                    rows.append([_e(m.label), _e(kind), str(neg[kind]["N"]),
+                                 _pct(neg[kind]["pIA"]), _pct(neg[kind]["AOC"])]
+                                + [_pct(q[k]) for k in ("min", "q25", "median", "q75", "max")])
+            neg = first.summary["negative_audio"]
+            audio = "".join(f"<li><b>{_e(k)}</b>: {_e(v)}</li>"
+                            for k, v in first.benchmark.get("negative_audio", {}).items())
+            parts.append(f"<h3>Negative audio (threshold: {_e(neg['threshold'])})</h3>"
+                         f'<p class="note">{_e(neg["rule"])}.</p><ul class="note">{audio}</ul>'
+                         + _table("metrics", ["model", "audio", "N", "pIA", "AOC", "min",
+                                              "q25", "median", "q75", "max"], rows))
+        if "retrieval" in first.summary:
+            rows = []
+            for m in self.models:
+                r = m.results[name].summary.get("retrieval")
+                if r is None:
+                    continue
+                for side in ("audio_to_image", "image_to_audio"):
+                    rows.append([_e(m.label), _e(side.replace("_to_", " -> ")), str(r["N"])]
+                                + [_pct(r[side][f"R@{k}"]) for k in (1, 5, 10)]
+                                + [f"{r[side]['MedR']:g}"])
+            parts.append(f"<h3>Cross-modal retrieval ({_e(first.summary['retrieval']['pooling'])}"
+                         f" pooling)</h3>"
+                         f'<p class="note">{_e(first.summary["retrieval"]["rule"])}.</p>'
+                         + _table("metrics", ["model", "direction", "N", "R@1", "R@5", "R@10",
+                                              "median rank"], rows))
+        return "\n".join(parts)
+
+    def _pair_rows(self, out: Path, slug: str, name: str, columns: list) -> list[str]:
+        """IS3: one row per shown image, its sources side by side, each with its own box and
+        every model's map for that source's audio."""
+        pairs = self.pairs.get(name, [])
+        if not pairs:
+            return []
+        result = self.models[0].results[name]
+        groups = np.asarray(result.groups)
+        parts = [f'<p class="meta">Images chosen by the minimum cIoU over their sources of '
+                 f"{_e(self.models[0].label)}; each source with its own box and audio.</p>"]
+        for group in dict.fromkeys(s.group for s in pairs):
+            parts.append(f"<h3>{_e(group.capitalize())}</h3>")
+            in_group = [(i, s) for i, s in enumerate(pairs) if s.group == group]
+            images = dict.fromkeys(groups[s.index] for _, s in in_group)
+            for j, image in enumerate(images):
+                cells = []
+                for position, sample in in_group:
+                    if groups[sample.index] != image:
+                        continue
+                    stem = f"{slug}-pair{_slug(group)}{j}-{sample.index}"
+                    cells += self._cells(out, stem, position, sample, columns, name,
+                                         "pair_maps")
+                parts.append(f'<div class="row pair"><p class="meta">{_e(image)}</p>'
+                             + "".join(cells) + "</div>")
+        return parts
+
+    def _negative_rows(self, out: Path, slug: str, name: str) -> list[str]:
+        """Negative audio: the samples the first model lights up most with each audio, and
+        every model's prediction (raw map > the sample's pIA threshold) in colour."""
+        per_kind = self.negative.get(name, {})
+        if not per_kind:
+            return []
+        parts = ['<p class="meta">Negative audio: the prediction of each model (the pixels '
+                 "above the threshold of the positive map, in red) with the audio in place "
+                 "of the clip's own.</p>"]
+        for kind, samples in per_kind.items():
+            group = samples[0].group
+            parts.append(f"<h3>{_e(group[:1].upper() + group[1:])}</h3>")
+            for j, sample in enumerate(samples):
+                stem = f"{slug}-neg-{kind}{j}"
+                frame_path = out / "overlays" / f"{stem}-frame.png"
+                boxes = () if sample.mask is not None else sample.boxes
+                _write_png(overlay_image(sample.frame, None, boxes, sample.clip_id,
+                                         mask=sample.mask), frame_path)
+                cells = [_figure_html(frame_path.relative_to(out),
+                                      f"{_e(sample.clip_id)}<br>frame + ground truth",
+                                      sample.clip_id)]
+                for c, m in enumerate(self.models):
+                    result = m.results[name]
+                    pia = float(result.negative[kind]["pia"][sample.index])
+                    path = out / "overlays" / f"{stem}-m{c}.png"
+                    heat = m.negative[name][kind][j].astype(np.float64)
+                    _write_png(overlay_image(sample.frame, heat, boxes,
+                                             f"{m.label} {kind}: pIA {pia:.3f}",
+                                             mask=sample.mask), path)
+                    cells.append(_figure_html(path.relative_to(out),
+                                              f"<b>{_e(m.label)}</b>, {_e(kind)}<br>"
+                                              f"pIA {pia:.3f}",
+                                              f"{m.label} {kind} prediction of "
+                                              f"{sample.clip_id}"))
+                parts.append('<div class="row">' + "".join(cells) + "</div>")
+        return parts
 
     def _row(self, out: Path, stem: str, position: int, sample: _Shown, columns: list,
              name: str) -> str:
         """One sample: its frame with the boxes, then every model's map, side by side."""
+        return ('<div class="row">' + "".join(self._cells(out, stem, position, sample, columns,
+                                                           name)) + "</div>")
+
+    def _cells(self, out: Path, stem: str, position: int, sample: _Shown, columns: list,
+               name: str, maps: str = "maps") -> list[str]:
+        """A sample's frame with its ground truth (boxes, or a mask's outline), then every
+        model's map (`maps`: the _Model field holding them), with its score."""
         frame_path = out / "overlays" / f"{stem}-frame.png"
-        _write_png(overlay_image(sample.frame, None, sample.boxes,
-                                 f"{sample.clip_id}" + ("" if sample.sounding else " (no sound)")),
-                   frame_path)
+        boxes = () if sample.mask is not None else sample.boxes
+        _write_png(overlay_image(sample.frame, None, boxes,
+                                 f"{sample.clip_id}" + ("" if sample.sounding else " (no sound)"),
+                                 mask=sample.mask), frame_path)
         cells = [_figure_html(frame_path.relative_to(out),
                               f"{_e(sample.clip_id)}<br>frame + ground truth", sample.clip_id)]
         for c, (model, kind, label) in enumerate(columns):
@@ -409,13 +738,16 @@ class Report:
             value = float(result.cious[kind][sample.index])
             score = (f"cIoU {value:.3f}" if sample.sounding
                      else f"confidence {float(result.confidence[sample.index]):.3f}")
+            if result.mask_frames:
+                score = f"mask IoU {float(result.mask_frames[kind]['iou'][sample.index]):.3f}"
             path = out / "overlays" / f"{stem}-m{c}.png"
-            _write_png(overlay_image(sample.frame, model.maps[name][kind][position], sample.boxes,
-                                     f"{label}: {score}"), path)
+            heat = getattr(model, maps)[name][kind][position]
+            _write_png(overlay_image(sample.frame, heat, boxes, f"{label}: {score}",
+                                     mask=sample.mask), path)
             cells.append(_figure_html(path.relative_to(out),
                                       f"<b>{_e(label)}</b><br>{_e(score)}",
                                       f"{label} map of {sample.clip_id}"))
-        return '<div class="row">' + "".join(cells) + "</div>"
+        return cells
 
     def _description(self, model: _Model) -> str:
         parts = [self.descriptions.get(model.label, ""), _checkpoint(model)]

@@ -139,6 +139,33 @@ def test_audio_pool_averages_the_spectrogram_first():
                                plain.encode_audio(jnp.asarray(by_hand)), rtol=1e-5, atol=1e-6)
 
 
+def test_released_layouts_shapes_and_parameters():
+    """LVS / SSL-TIE (no projections, both towers at stride 16: 14 x 14 at 224 px, D = 8 *
+    width) and SLAVC (two projections per tower, V and A of 2 D joined), from their shapes."""
+    def outputs(**layout):
+        abstract = nnx.eval_shape(lambda: AudioVisualModel(width=WIDTH, **layout,
+                                                           rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        V, A = jax.eval_shape(lambda s, x, y: nnx.merge(graphdef, s)(x, y), state,
+                              jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32),
+                              jax.ShapeDtypeStruct((2, 257, 200, 1), jnp.float32))
+        return abstract, V.shape, A.shape
+
+    lvs, V, A = outputs(embed_dim=8 * WIDTH, image_stride=16, audio_stride=16, projection=False)
+    assert V == (2, 14, 14, 8 * WIDTH) and A == (2, 8 * WIDTH)
+    assert count_params(lvs) == count_params(lvs.imgnet) + count_params(lvs.audnet)
+    assert not any(hasattr(lvs, n) for n in ("img_proj", "aud_proj", "img_proj1"))
+    slavc, V, A = outputs(embed_dim=DIM, heads=2)
+    assert V == (2, 7, 7, 2 * DIM) and A == (2, 2 * DIM)
+    assert not hasattr(slavc, "img_proj")
+    assert count_params(slavc.img_proj2) == count_params(slavc.aud_proj1) == 8 * WIDTH * DIM + DIM
+    with pytest.raises(ValueError, match="without projections the embedding is the towers' 64 "
+                                         "features"):
+        AudioVisualModel(width=WIDTH, embed_dim=DIM, projection=False, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="heads must be at least 1"):
+        AudioVisualModel(width=WIDTH, embed_dim=DIM, heads=0, rngs=nnx.Rngs(0))
+
+
 def test_the_towers_numerics_are_stated_in_the_program(model):
     """Lowered under the suite's global "highest": the convolutions still carry the default
     precision (TF32 allowed on a GPU, as PyTorch allows for cuDNN) and the dense projection

@@ -11,6 +11,7 @@ eval_utils.py) or the definition.
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,23 +79,35 @@ IS3_NO_AUDIO = "cat_bus_7_bus"
 IS3_NO_IMAGE = "babylaughter_oceanburbling_ocean"
 
 
+def write_is3_tree(root, pairs):
+    """The IS3 zip's layout under root: images/<name>.jpg, audio_wav/<name>.wav and
+    SSLalignment's synthetic3240_bbox.json (its absolute paths, as distributed). pairs: (name,
+    gt_box in 224 px, PIL image or None (absent), 16 kHz wave or None (absent)), in json
+    order."""
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "audio_wav").mkdir(exist_ok=True)
+    entries = []
+    for name, box, image, wave in pairs:
+        entries.append({"image": f"/mnt/lynx2/users/arda/synthetic3241/visual_frames/{name}.jpg",
+                        "audio": f"/mnt/lynx2/users/arda/synthetic3241/audio_wav/{name}.wav",
+                        "gt_box": box})
+        if image is not None:
+            image.save(root / "images" / f"{name}.jpg", quality=95)
+        if wave is not None:
+            scipy.io.wavfile.write(root / "audio_wav" / f"{name}.wav", SR, wave)
+    (root / "synthetic3240_bbox.json").write_text(json.dumps(entries))
+    return root
+
+
 @pytest.fixture(scope="module")
 def is3_tree(tmp_path_factory):
     """The IS3 zip's layout: ROOT/images, ROOT/audio_wav, and SSLalignment's json."""
     root = tmp_path_factory.mktemp("is3")
-    (root / "images").mkdir()
-    (root / "audio_wav").mkdir()
-    entries, waves = [], {}
-    for name, box, freq, colour in IS3_ENTRIES:
-        entries.append({"image": f"/mnt/lynx2/users/arda/synthetic3241/visual_frames/{name}.jpg",
-                        "audio": f"/mnt/lynx2/users/arda/synthetic3241/audio_wav/{name}.wav",
-                        "gt_box": box})
-        if name != IS3_NO_IMAGE:
-            _solid(colour).save(root / "images" / f"{name}.jpg", quality=95)
-        waves[name] = _tone(freq, 4.0)
-        if name != IS3_NO_AUDIO:
-            scipy.io.wavfile.write(root / "audio_wav" / f"{name}.wav", SR, waves[name])
-    (root / "synthetic3240_bbox.json").write_text(json.dumps(entries))
+    waves = {name: _tone(freq, 4.0) for name, _, freq, _ in IS3_ENTRIES}
+    write_is3_tree(root, [(name, box, None if name == IS3_NO_IMAGE else _solid(colour),
+                           None if name == IS3_NO_AUDIO else waves[name])
+                          for name, box, _, colour in IS3_ENTRIES])
     return {"root": os.fspath(root), "waves": waves}
 
 
@@ -174,44 +187,87 @@ def _rect_mask(x0, y0, x1, y1, size=(224, 224)):
 S4_FREQS = (400, 800, 1600, 3200, 6400)  # one tone per second of vidA's 5 s wav
 
 
+def write_s4_tree(root, videos, extra_rows=()):
+    """avsbench_data/Single-source under root: s4_meta_data.csv and s4_data/{visual_frames,
+    audio_wav,gt_masks}/<split>/<category>/... videos: (name, category, split, frames, masks,
+    wave): five PIL frames and five PIL masks (None: absent), a 16 kHz wave (None: absent).
+    extra_rows: further csv rows (name, category, split) without files."""
+    base = Path(root) / "Single-source"
+    data = base / "s4_data"
+    base.mkdir(parents=True, exist_ok=True)
+    rows = [(v[0], v[1], v[2]) for v in videos] + list(extra_rows)
+    (base / "s4_meta_data.csv").write_text(
+        "name,start,category,split\n" + "".join(f"{n},0,{c},{sp}\n" for n, c, sp in rows))
+    for name, cat, split, frames, masks, wave in videos:
+        for sub in ("visual_frames", "gt_masks"):
+            (data / sub / split / cat / name).mkdir(parents=True, exist_ok=True)
+        for k, (frame, mask) in enumerate(zip(frames, masks, strict=True), start=1):
+            if frame is not None:
+                frame.save(data / "visual_frames" / split / cat / name / f"{name}_{k}.png")
+            if mask is not None:
+                mask.save(data / "gt_masks" / split / cat / name / f"{name}_{k}.png")
+        if wave is not None:
+            (data / "audio_wav" / split / cat).mkdir(parents=True, exist_ok=True)
+            scipy.io.wavfile.write(data / "audio_wav" / split / cat / f"{name}.wav", SR, wave)
+    return Path(root)
+
+
+def write_ms3_tree(base, videos, extra_rows=()):
+    """Multi-sources under base (the folder itself): ms3_meta_data.csv and ms3_data/:
+    visual_frames/<name>/<name>.mp4_<k>.png (no split folder), audio_wav/<split>/<name>.wav,
+    gt_masks/<split>/<name>/<name>_<k>.png. videos: (name, split, frames, masks, wave) as in
+    write_s4_tree; extra_rows: (name, split) without files."""
+    base = Path(base)
+    data = base / "ms3_data"
+    base.mkdir(parents=True, exist_ok=True)
+    rows = [(v[0], v[1]) for v in videos] + list(extra_rows)
+    (base / "ms3_meta_data.csv").write_text(
+        "name,split\n" + "".join(f"{n},{sp}\n" for n, sp in rows))
+    for name, split, frames, masks, wave in videos:
+        (data / "visual_frames" / name).mkdir(parents=True, exist_ok=True)
+        (data / "gt_masks" / split / name).mkdir(parents=True, exist_ok=True)
+        (data / "audio_wav" / split).mkdir(parents=True, exist_ok=True)
+        for k, (frame, mask) in enumerate(zip(frames, masks, strict=True), start=1):
+            if frame is not None:
+                frame.save(data / "visual_frames" / name / f"{name}.mp4_{k}.png")
+            if mask is not None:
+                mask.save(data / "gt_masks" / split / name / f"{name}_{k}.png")
+        if wave is not None:
+            scipy.io.wavfile.write(data / "audio_wav" / split / f"{name}.wav", SR, wave)
+    return base
+
+
 @pytest.fixture(scope="module")
 def s4_tree(tmp_path_factory):
     """avsbench_data/Single-source: the csv, visual_frames, audio_wav and gt_masks trees."""
     root = tmp_path_factory.mktemp("avsbench_data")
-    base = root / "Single-source"
-    data = base / "s4_data"
-    base.mkdir()
-    (base / "s4_meta_data.csv").write_text(
-        "name,start,category,split\nvidA,0,helicopter,test\nvidB,0,dog_barking,test\n"
-        "vidT,0,helicopter,train\n")
-    masks = {}
+    masks, videos = {}, []
     for name, cat in (("vidA", "helicopter"), ("vidB", "dog_barking")):
-        for sub in ("visual_frames", "gt_masks"):
-            (data / sub / "test" / cat / name).mkdir(parents=True)
+        frames, images = [], []
         for k in range(1, 6):
-            _solid((40 * k, 100, 200 - 30 * k)).save(
-                data / "visual_frames" / "test" / cat / name / f"{name}_{k}.png")
+            frames.append(_solid((40 * k, 100, 200 - 30 * k)))
             mask = _rect_mask(10 * k, 20, 100 + 10 * k, 150)
-            path = data / "gt_masks" / "test" / cat / name / f"{name}_{k}.png"
             if name == "vidA" and k == 2:
                 mask = np.zeros((224, 224), bool)  # an empty mask: a silent frame
             if name == "vidA" and k == 3:
-                Image.fromarray(mask).save(path)  # mode "1"
+                image = Image.fromarray(mask)  # mode "1"
             elif name == "vidA" and k == 4:
-                Image.fromarray(np.zeros((200, 200), np.uint8)).save(path)  # wrong size
+                image = Image.fromarray(np.zeros((200, 200), np.uint8))  # wrong size
             elif name == "vidA" and k == 5:
                 grey = mask.astype(np.uint8) * 255
                 grey[20, 20:30] = 200  # inside: stays foreground (>= 128)
                 grey[0, 0:4] = 100  # outside: stays background
                 mask = mask.copy()
                 mask[20, 20:30] = True
-                Image.fromarray(grey).save(path)
+                image = Image.fromarray(grey)
             else:
-                Image.fromarray(mask.astype(np.uint8) * 255).save(path)  # mode "L"
+                image = Image.fromarray(mask.astype(np.uint8) * 255)  # mode "L"
+            images.append(image)
             masks[f"{name}_{k}"] = mask
-    (data / "audio_wav" / "test" / "helicopter").mkdir(parents=True)
+        videos.append((name, cat, "test", frames, images, None))
     wave = np.concatenate([_tone(f, 1.0) for f in S4_FREQS])
-    scipy.io.wavfile.write(data / "audio_wav" / "test" / "helicopter" / "vidA.wav", SR, wave)
+    videos[0] = (*videos[0][:5], wave)  # vidB's wav is absent
+    write_s4_tree(root, videos, extra_rows=[("vidT", "helicopter", "train")])
     return {"root": os.fspath(root), "masks": masks, "wave": wave}
 
 
@@ -257,18 +313,11 @@ def test_avsbench_ms3_centre_layout_and_missing_mask(tmp_path):
     """MS3's layout (frames without a split folder, "<name>.mp4_<k>.png"), ROOT given as the
     Multi-sources folder itself, every frame with the wav's centred 3 s."""
     base = tmp_path / "Multi-sources"
-    data = base / "ms3_data"
-    (data / "visual_frames" / "abc_1").mkdir(parents=True)
-    (data / "gt_masks" / "test" / "abc_1").mkdir(parents=True)
-    (data / "audio_wav" / "test").mkdir(parents=True)
-    (base / "ms3_meta_data.csv").write_text("name,split\nabc_1,test\nzzz_2,val\n")
-    for k in range(1, 6):
-        _solid((30 * k, 60, 90)).save(data / "visual_frames" / "abc_1" / f"abc_1.mp4_{k}.png")
-        if k != 2:
-            Image.fromarray(_rect_mask(0, 0, 50, 60).astype(np.uint8) * 255).save(
-                data / "gt_masks" / "test" / "abc_1" / f"abc_1_{k}.png")
     wave = _tone(700, 4.0)
-    scipy.io.wavfile.write(data / "audio_wav" / "test" / "abc_1.wav", SR, wave)
+    frames = [_solid((30 * k, 60, 90)) for k in range(1, 6)]
+    masks = [None if k == 2 else Image.fromarray(_rect_mask(0, 0, 50, 60).astype(np.uint8) * 255)
+             for k in range(1, 6)]
+    write_ms3_tree(base, [("abc_1", "test", frames, masks, wave)], extra_rows=[("zzz_2", "val")])
     builder = builders.get_builder("avsbench/ms3_centre", data_dir=os.fspath(tmp_path / "out"),
                                    root=os.fspath(base), num_workers=1)
     entry = builder.download_and_prepare()["splits"]["test"]
@@ -451,6 +500,39 @@ def test_mask_miou_fscore_against_the_authors_loops(variant, fscore_input):
     np.testing.assert_allclose(r["iou"], ref_iou, rtol=1e-14)
     assert r["mIoU"] == pytest.approx(ref_miou, rel=1e-14)
     assert r["F"] == pytest.approx(ref_f, rel=1e-12)
+
+
+def test_mask_scores_batch_by_batch_aggregate_to_the_whole_set():
+    """The evaluator scores frames per eval batch (mask_frame_scores) and aggregates once
+    (mask_aggregate): the same numbers as the whole set at once, for every variant, against
+    the authors' loops."""
+    rng = np.random.default_rng(4)
+    pred = np.round(rng.random((11, 8, 8)), 2)
+    masks = rng.random((11, 8, 8)) < 0.3
+    masks[3] = False
+    parts = [metrics.mask_frame_scores(pred[i:i + 4], masks[i:i + 4]) for i in range(0, 11, 4)]
+    joined = {k: np.concatenate([part[k] for part in parts]) for k in ("iou", "f", "nonempty")}
+    for variant in metrics.MASK_VARIANTS:
+        got = metrics.mask_aggregate(joined["iou"], joined["f"], joined["nonempty"],
+                                     variant=variant, batch_size=3)
+        ref_miou, ref_f, _ = _mask_reference(pred, masks, variant, 3, "binarised")
+        assert got["mIoU"] == pytest.approx(ref_miou, rel=1e-14)
+        assert got["F"] == pytest.approx(ref_f, rel=1e-12)
+    with pytest.raises(ValueError, match="variant"):
+        metrics.mask_aggregate(joined["iou"], joined["f"], joined["nonempty"], variant="x")
+
+
+def test_pia_summary_of_per_batch_values():
+    pia = np.array([0.0, 0.25, 0.5, 0.5, 1.0])
+    r = metrics.pia_summary(pia)
+    fractions = [np.mean(pia <= 0.05 * i) for i in range(21)]
+    assert r["AOC"] == pytest.approx(_trapezoid([0.05 * i for i in range(21)], fractions),
+                                     abs=1e-15)
+    assert r["pIA"] == 0.45 and r["quantiles"] == {"min": 0.0, "q25": 0.25, "median": 0.5,
+                                                    "q75": 0.5, "max": 1.0}
+    assert r["histogram"].tolist() == [1] + [0] * 4 + [1] + [0] * 4 + [2] + [0] * 8 + [1]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metrics.pia_summary([0.5, 1.5])
 
 
 def test_mask_miou_fscore_rejects_bad_inputs():

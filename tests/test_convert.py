@@ -98,7 +98,7 @@ def test_torchvision_resnet18_parity_width64(torchvision_file):
 def test_reference_model_parity(reference_file):
     torch_model, path = reference_file
     state, kind, kwargs = load_torch_checkpoint_with_config(path)
-    assert kind == "reference" and kwargs == {"width": 16, "embed_dim": 24}
+    assert kind == "ezvsl" and kwargs == {"width": 16, "embed_dim": 24}
     model = nnx.eval_shape(lambda: AudioVisualModel(width=16, embed_dim=24, rngs=nnx.Rngs(0)))
     load_into(model, state)  # fills every variable: no random initialisation needed
     model.eval()
@@ -249,8 +249,15 @@ def test_reference_missing_projection(reference_file, tmp_path):
 
 
 def test_unknown_format_and_wrong_kind(reference_file, tmp_path):
-    with pytest.raises(ValueError, match="neither a torchvision ResNet18 nor an EZ-VSL"):
-        load_torch_checkpoint(save({"encoder.weight": torch.zeros(2)}, tmp_path))
+    path = save({"encoder.weight": torch.zeros(2), "imgnet.bn1.weight": torch.zeros(2)}, tmp_path)
+    with pytest.raises(ValueError, match=r"not a layout sslocal knows \(formats ezvsl, lvs, "
+                       r"slavc, ssltie, or a torchvision ResNet18\): keys that fit none of "
+                       r"them: encoder\.weight$"):
+        load_torch_checkpoint(path)
+    path = save({"imgnet.bn1.weight": torch.zeros(2)}, tmp_path, "towers_only.pth")
+    with pytest.raises(ValueError, match=r"none of their keys .*img_proj\.weight.* is present "
+                       r"\(keys: imgnet\.bn1\.weight\)$"):
+        load_torch_checkpoint(path)
     with pytest.raises(ValueError, match="expected a torchvision ResNet18"):
         torchvision_resnet18_state(reference_file[1])
 

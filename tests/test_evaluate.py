@@ -305,3 +305,89 @@ def test_a_named_test_subset_is_scored_recorded_and_its_missing_ids_reported(
     np.testing.assert_array_equal(per_sample["cIoU_av"], result8.cious["av"][[7, 2, 11]])
     with pytest.raises(FileNotFoundError, match="test id list not found"):
         evaluate.main(tiny_config(data_dir), [str(model_dir)], ids=str(tmp_path / "none.txt"))
+
+
+# ------------------------------------------------- the benchmarks since 2023: the wiring
+
+
+def test_offscreen_partners_follow_the_classes_and_never_the_picture():
+    # IS3-like: each image shows the classes of its pairs; a partner is another image's pair
+    # of a class the image does not show.
+    info = {"id": ["a_x", "a_y", "b_x", "b_z", "c_w", "c_v"], "label": [-1] * 6,
+            "image_id": ["a", "a", "b", "b", "c", "c"],
+            "source_name": ["x", "y", "x", "z", "w", "v"]}
+    shown = {"a": {"x", "y"}, "b": {"x", "z"}, "c": {"w", "v"}}
+    partner, rule = evaluator.offscreen_partners(info, seed=0)
+    for i, j in enumerate(partner):
+        assert info["image_id"][j] != info["image_id"][i]
+        assert info["source_name"][j] not in shown[info["image_id"][i]]
+    assert "absent from the image" in rule and "seed (config.seed 0" in rule
+    np.testing.assert_array_equal(evaluator.offscreen_partners(info, seed=0)[0], partner)
+    # Labelled clips: a class drawn uniformly (not a clip: vssl_eval's random.choice of a
+    # class, then of a file), so the rare class 2 is drawn about as often as class 1.
+    labels = [0] * 50 + [1] * 45 + [2] * 5
+    info = {"id": [f"v{i}" for i in range(100)], "label": labels}
+    partner, rule = evaluator.offscreen_partners(info, seed=3)
+    drawn = np.array(labels)[partner]
+    assert np.all(drawn != np.array(labels)) and "another class" in rule
+    assert 0.3 < np.mean(drawn[:50] == 2) < 0.7  # uniform over clips would give 0.1
+    # A set with non-sounding pairs (label unknown): they borrow a sounding clip's audio of
+    # any class, and never lend theirs (not their picture's, class unknown).
+    info = {"id": ["s0", "s1", "s2", "n0"], "label": [0, 1, 1, -1],
+            "sounding": [True, True, True, False]}
+    partner, rule = evaluator.offscreen_partners(info, seed=1)
+    assert "another class" in rule and 3 not in partner.tolist()
+    assert partner[0] in (1, 2) and partner[1] == partner[2] == 0
+    # Without labels: any clip of another video.
+    info = {"id": ["p_1", "p_2", "q_1", "q_2"], "label": [-1] * 4,
+            "video_id": ["p", "p", "q", "q"]}
+    partner, rule = evaluator.offscreen_partners(info, seed=0)
+    assert [info["video_id"][j] for j in partner] == ["q", "q", "p", "p"]
+    assert "no class labels" in rule
+    with pytest.raises(ValueError, match="no off-screen sound for s0"):
+        evaluator.offscreen_partners({"id": ["s0", "s1"], "label": [4, 4]}, seed=0)
+
+
+def test_negative_spectrograms_are_the_stored_spectrograms_of_their_audio():
+    import scipy.signal
+
+    def stored(wave):
+        _, _, s = scipy.signal.spectrogram(wave, fs=16000, nperseg=512, noverlap=274)
+        # float32 first, as the reference spectrogram is, then float16 as prepare stores it.
+        return np.log(s + 1e-7).astype(np.float32).astype(np.float16)[..., None]
+
+    noise = np.random.default_rng([7, 1, 5]).standard_normal(48000)
+    np.testing.assert_array_equal(evaluator.noise_spectrogram(7, 5), stored(noise))
+    assert not np.array_equal(evaluator.noise_spectrogram(7, 6), evaluator.noise_spectrogram(7, 5))
+    np.testing.assert_array_equal(evaluator.silence_spectrogram(), stored(np.zeros(48000)))
+    record = {"spectrogram": np.arange(257 * 200, dtype=np.float16).reshape(257, 200)}
+    got = evaluator.negative_spectrogram("offscreen", 0, [None, record], 0, np.array([1, 0]))
+    np.testing.assert_array_equal(got[..., 0], record["spectrogram"])
+    with pytest.raises(ValueError, match="unknown negative audio"):
+        evaluator.negative_spectrogram("music", 0, [record], 0)
+
+
+def test_benchmark_options_are_checked_and_named(data_dir):
+    config = tiny_config(data_dir)
+    config.eval.negative_audio = ("silence,noise",)  # as a command line delivers it
+    config.eval.negative_threshold = "0.25"
+    settings = evaluator.BenchmarkSettings.from_config(config.eval)
+    assert settings.negative_audio == ("silence", "noise")
+    assert settings.negative_threshold == 0.25 and settings.mask_threshold == "median_gt"
+    for field, value, message in (("negative_audio", ("silence", "loud"), "negative_audio"),
+                                  ("negative_audio", ("noise", "noise"), "distinct"),
+                                  ("negative_threshold", "high", "negative_threshold"),
+                                  ("retrieval_pooling", "sum", "retrieval_pooling"),
+                                  ("mask_threshold", "middle", "mask_threshold")):
+        bad = tiny_config(data_dir)
+        bad.eval[field] = value
+        with pytest.raises(ValueError, match=message):
+            evaluator.Evaluator(bad, sharding.make_mesh(8))
+    assert evaluate.dataset_names(" is3/test, avsbench/s4 ") == ["is3/test", "avsbench/s4"]
+    with pytest.raises(ValueError, match="more than once"):
+        evaluate.dataset_names("is3/test,is3/test")
+    with pytest.raises(ValueError, match="names no test set"):
+        evaluate.dataset_names(" , ")
+    assert evaluator.benchmark_kind("is3/test") == "is3"
+    assert evaluator.benchmark_kind("avsbench/ms3_centre") == "avsbench"
+    assert evaluator.benchmark_kind("vggss/test") == "boxes"

@@ -21,7 +21,8 @@ from sslocal import checkpointing, sharding
 from sslocal.models import factory, load
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL = {"width": 8, "embed_dim": 16, "dtype": "float32", "audio_pool": 1, "image_stride": 32}
+MODEL = {"width": 8, "embed_dim": 16, "dtype": "float32", "audio_pool": 1, "image_stride": 32,
+         "audio_stride": 32, "projection": True, "heads": 1}
 IMAGE = 64
 
 
@@ -112,7 +113,8 @@ def test_model_dir_on_a_mesh_and_without_image_size(model_dir, tmp_path):
     mesh = sharding.make_mesh()
     loaded = load.load_model(path, mesh=mesh)
     assert loaded.image_size == 224
-    assert loaded.model_config == MODEL  # the paper's dtype, audio_pool and image_stride
+    # The paper's dtype, audio_pool, strides, one projection head per tower.
+    assert loaded.model_config == MODEL == {"width": 8, "embed_dim": 16, **factory.MODEL_DEFAULTS}
     assert_same(loaded.params, params)
     assert {leaf.sharding for leaf in jax.tree.leaves(loaded.variables())} == {
         sharding.replicated(mesh)}
@@ -206,11 +208,13 @@ def test_pytorch_file_loads_as_sslocal_convert_does(reference_file, tmp_path, ca
 
     out = factory.convert_checkpoint(str(path), str(tmp_path / "converted"))
     assert json.loads((out / checkpointing.MODEL_JSON).read_text()) == {
-        **MODEL, "image_size": 224, "converted_from": str(path)}
+        **MODEL, "image_size": 224, "converted_from": str(path), "format": "ezvsl"}
     converted = load.load_model(out)
     assert_same(converted.params, direct.params)
     assert_same(converted.batch_stats, direct.batch_stats)
     assert converted.image_size == 224 and converted.model_config == MODEL
+    assert converted.source_format == direct.source_format == "ezvsl"
+    assert converted.description == f"{out} (EZ-VSL format, converted from {path})"
 
 
 def test_torchvision_file_is_not_a_model(tmp_path):
@@ -231,9 +235,8 @@ def test_pytorch_file_missing_a_layer(reference_file, tmp_path):
     with pytest.raises(load.ModelMismatchError) as info:
         load.load_model(path)
     assert str(info.value) == (
-        f"{path} (EZ-VSL format, converted in memory) does not fit the model its imgnet.conv1 "
-        "and img_proj describe (width 8, embed_dim 16): missing keys: aud_proj.bias, "
-        "aud_proj.weight")
+        f"{path} (EZ-VSL format, converted in memory) does not fit the EZ-VSL layout (width 8, "
+        "embed_dim 16): missing keys: aud_proj.bias, aud_proj.weight")
 
 
 # ---------------------------------------------------------------- errors

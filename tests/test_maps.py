@@ -337,3 +337,26 @@ def test_localization_maps_are_the_public_functions_composed():
     np.testing.assert_allclose(out["av"], maps.av_map(maps.diagonal_map(V, A), 56), atol=1e-6)
     np.testing.assert_allclose(
         out["ogl"], maps.fuse_ogl(out["av"], maps.object_map(feats, 56), 0.3), atol=1e-6)
+
+
+def test_join_heads_gives_the_mean_of_the_heads_maps():
+    """SLAVC's map, (1/K) sum_k <V_ik, A_ik>, in float64 numpy, against alpha_ii of the joined
+    unit vectors; the joined vectors are unit vectors."""
+    rng = np.random.default_rng(5)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    for K in (2, 3):
+        v = [unit(rng.normal(size=(3, 4, 5, 6))) for _ in range(K)]
+        a = [unit(rng.normal(size=(3, 6))) for _ in range(K)]
+        want = np.mean([np.einsum("ihwd,id->ihw", vk, ak) for vk, ak in zip(v, a, strict=True)],
+                       axis=0)
+        V, A = maps.join_heads(v), maps.join_heads(a)
+        assert V.shape == (3, 4, 5, 6 * K) and A.shape == (3, 6 * K)
+        np.testing.assert_allclose(np.asarray(maps.diagonal_map(V, A)), want, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(V, np.float64), axis=-1), 1.0,
+                                   atol=1e-6)
+    assert (maps.map_rule(1), maps.map_rule(2)) == ("cosine", "mean_of_heads")
+    with pytest.raises(ValueError, match="one or more heads of one shape"):
+        maps.join_heads([np.ones((2, 3)), np.ones((2, 4))])

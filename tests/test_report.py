@@ -129,6 +129,23 @@ def test_overlay_pixels():
         report.overlay_image(frame, heat[:10])
 
 
+def test_mask_outline_and_its_overlay():
+    """AVSBench frames show the mask's outline (white, 2 px inside its edge), not a box."""
+    mask = np.zeros((224, 224), bool)
+    mask[50:60, 40:80] = True
+    mask[60:100, 40:50] = True  # an L: its box would cover what the outline does not
+    outline = report.mask_outline(mask)
+    expected = mask.copy()
+    expected[52:58, 42:78] = False  # the erosion of the upper bar by 2 px ...
+    expected[52:98, 42:48] = False  # ... and of the lower bar
+    np.testing.assert_array_equal(outline, expected)
+    frame = np.full((224, 224, 3), 40, np.uint8)
+    image = np.asarray(report.overlay_image(frame, None, mask=mask))
+    assert (image[outline] == 255).all() and (image[~outline] == 40).all()
+    with pytest.raises(ValueError, match="mask"):
+        report.overlay_image(frame, None, mask=mask[:100])
+
+
 # ------------------------------------------------- hand-made records with an oracle model
 
 

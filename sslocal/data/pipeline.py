@@ -214,24 +214,35 @@ def record_id(record: dict[str, Any]) -> str:
 
 
 class _EvalRecord(grain.transforms.Map):
-    def __init__(self, image_size: int, image_key: str):
+    def __init__(self, image_size: int, image_key: str, masks: bool = False):
         self.image_size = image_size
         self.image_key = image_key
+        self.masks = masks
 
     def map(self, item: tuple[int, Any]) -> dict[str, Any]:
         index, record = item
         size = self.image_size
         if record is None:  # padding: scored by nobody
-            return {"image": np.zeros((size, size, 3), np.uint8),
-                    "spec": np.zeros((*SPEC_SHAPE, 1), np.float16),
-                    "boxes": np.zeros((0, 4), np.float32), "mask": False, "sounding": False,
-                    "index": index, "id": ""}
+            out = {"image": np.zeros((size, size, 3), np.uint8),
+                   "spec": np.zeros((*SPEC_SHAPE, 1), np.float16),
+                   "boxes": np.zeros((0, 4), np.float32), "mask": False, "sounding": False,
+                   "index": index, "id": ""}
+            if self.masks:
+                out["gt_mask"] = np.zeros((MAP_SIZE, MAP_SIZE), np.uint8)
+            return out
         if self.image_key not in record:
             raise KeyError(f"the dataset has no {self.image_key!r} frames (test sets only)")
-        return {"image": eval_frame(decode_image(record[self.image_key]), size),
-                "spec": np.asarray(record["spectrogram"], np.float16)[..., None],
-                "boxes": np.asarray(record["boxes"], np.float32), "mask": True,
-                "sounding": bool(record["sounding"]), "index": index, "id": record_id(record)}
+        out = {"image": eval_frame(decode_image(record[self.image_key]), size),
+               "spec": np.asarray(record["spectrogram"], np.float16)[..., None],
+               "boxes": np.asarray(record["boxes"], np.float32), "mask": True,
+               "sounding": bool(record["sounding"]), "index": index, "id": record_id(record)}
+        if self.masks:  # AVSBench's ground truth: the stored 224 x 224 mask (0 / 1)
+            if "mask" not in record:
+                raise KeyError("the dataset has no 'mask' feature (AVSBench sets only)")
+            from sslocal.data.builders._benchmark import decode_mask
+
+            out["gt_mask"] = decode_mask(record["mask"])
+        return out
 
 
 class _EvalBatch:
@@ -239,7 +250,7 @@ class _EvalBatch:
         self.gt_format = gt_format
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        return {
+        batch = {
             "image": np.stack([r["image"] for r in records]),
             "spec": np.stack([r["spec"] for r in records]),
             "gt_map": metrics.gt_maps([r["boxes"] for r in records], self.gt_format,
@@ -250,12 +261,15 @@ class _EvalBatch:
             "index": np.array([r["index"] for r in records], np.int64),
             "id": np.array([r["id"] for r in records], dtype=str),
         }
+        if "gt_mask" in records[0]:
+            batch["gt_mask"] = np.stack([r["gt_mask"] for r in records])
+        return batch
 
 
 def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
                 gt_format: str | None = None, process_index: int | None = None,
                 process_count: int | None = None, test_resize: str = "squash",
-                num_threads: int = 4) -> grain.DatasetIterator:
+                num_threads: int = 4, masks: bool = False) -> grain.DatasetIterator:
     """Host-local evaluation batches {"image" uint8 (b, S, S, 3), "spec" float16 (b, 257, 200,
     1), "gt_map" f32 (b, 224, 224), "mask" bool, "sounding" bool, "num_boxes" int, "index"
     int64, "id" str},
@@ -268,6 +282,8 @@ def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
     So each sample is scored exactly once.
     gt_format: "flickr" or "vggss" (default: the dataset's, from its metadata).
     test_resize: "squash" (the reference, docs/protocol.md section 1) or "center_crop".
+    masks: also "gt_mask" uint8 (b, 224, 224), the record's stored binary mask (AVSBench;
+    zeros for padding).
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -280,7 +296,8 @@ def eval_loader(source: Any, *, global_batch_size: int, image_size: int,
     if gt_format not in metrics.GT_FORMATS:
         raise ValueError(f"unknown gt format {gt_format!r}; choose one of {metrics.GT_FORMATS}")
     slots = _EvalSlots(source, batch, process_index, process_count)
-    ds = grain.MapDataset.source(slots).map(_EvalRecord(image_size, TEST_RESIZE[test_resize]))
+    ds = grain.MapDataset.source(slots).map(_EvalRecord(image_size, TEST_RESIZE[test_resize],
+                                                        masks))
     ds = ds.batch(batch, batch_fn=_EvalBatch(gt_format))
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) + 1)
     return iter(ds.to_iter_dataset(read))

@@ -1,5 +1,6 @@
-"""PyTorch checkpoints -> NNX state: torchvision ResNet18 and EZ-VSL reference-format files,
-and the one check that arrays fit a model (`fill_state`, for Orbax checkpoints as well).
+"""PyTorch checkpoints -> NNX state: torchvision ResNet18 files, the released models of the
+field (FORMATS: EZ-VSL, LVS, SLAVC, SSL-TIE layouts), and the one check that arrays fit a model
+(`fill_state`, for Orbax checkpoints as well).
 
 Files are read only with torch.load(weights_only=True): a pickle that would run code is refused.
 torch is imported lazily, so the rest of sslocal works without it.
@@ -7,14 +8,20 @@ torch is imported lazily, so the rest of sslocal works without it.
 Name mapping (the NNX attribute paths mirror the torch module names):
   conv / linear weight -> kernel  (conv OIHW -> HWIO, linear (out, in) -> (in, out))
   bias -> bias;  BatchNorm weight -> scale;  running_mean / running_var -> mean / var (BatchStat)
-  num_batches_tracked and the classifier (fc.*) are ignored.
+  num_batches_tracked and the classifier (fc.*) of a torchvision file are ignored.
+
+A released model's format says which keys it holds, how they map onto AudioVisualModel and
+which model-config fields its architecture has (docs/protocol.md section 2, "Released models"):
+every key of a file is either loaded, or one the format names as present but unused by the
+map, or an error; nothing is skipped because it happens not to fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from os import PathLike
 from typing import Any
 
@@ -33,7 +40,6 @@ _NNX_TO_TORCH_NAME = {
     "mean": "running_mean",
     "var": "running_var",
 }
-_REFERENCE_PREFIXES = ("imgnet.", "img_proj.", "audnet.", "aud_proj.")
 _SHOWN = 3  # differences named per kind in a ModelMismatchError
 
 
@@ -58,11 +64,13 @@ def _first_few(items: list[str], separator: str) -> str:
 
 
 def fill_state(target: nnx.State, arrays: Mapping[str, Any], *, checkpoint: str, model: str,
-               rename: Callable[[str], str] = lambda key: key) -> nnx.State:
+               rename: Callable[[str], str] = lambda key: key,
+               unused: Collection[str] = ()) -> nnx.State:
     """`target` (an nnx.State, abstract or not) with its leaves taken from `arrays`.
 
     `arrays` maps `rename(dotted key)` of every leaf of `target` to an array of that leaf's
-    shape; a missing key, an unexpected key or a shape mismatch raises one ModelMismatchError
+    shape, and holds the `unused` keys too (parts of a layout that no leaf takes); a missing
+    key, an unexpected key or a shape mismatch raises one ModelMismatchError
     "{checkpoint} does not fit {model}: ..." naming the first few of each. Each array goes
     from host memory to its target leaf's sharding (the default device when it has none):
     every process holds the same values, so placing them on a global (multi-host) sharding
@@ -70,8 +78,9 @@ def fill_state(target: nnx.State, arrays: Mapping[str, Any], *, checkpoint: str,
     """
     leaves = jax.tree_util.tree_leaves_with_path(target)
     keys = [rename(dotted_key(path)) for path, _ in leaves]
-    missing = sorted(set(keys) - set(arrays))
-    unexpected = sorted(set(arrays) - set(keys))
+    expected = set(keys) | set(unused)
+    missing = sorted(expected - set(arrays))
+    unexpected = sorted(set(arrays) - expected)
     mismatched = [f"{key}: checkpoint {tuple(np.shape(arrays[key]))}, model {tuple(leaf.shape)}"
                   for key, (_, leaf) in zip(keys, leaves, strict=True)
                   if key in arrays and tuple(np.shape(arrays[key])) != tuple(leaf.shape)]
@@ -164,14 +173,19 @@ def state_from_torch(
     *,
     checkpoint: str,
     model: str,
+    rename: Callable[[str], str] = lambda key: key,
+    unused: Collection[str] = (),
 ) -> nnx.State:
     """`target` (a model's Param and BatchStat state, abstract or not) filled from a torch
     state dict, by fill_state: keys named `ignore(key)` and `*.num_batches_tracked` are
-    skipped, and the differences are named by their torch keys (shapes in the Flax layout)."""
+    skipped, `rename` maps the torch-style name of a leaf ("imgnet.bn1.weight") to the file's
+    key, the `unused` keys must be present and are dropped, and the differences are named by
+    the file's keys (shapes in the Flax layout)."""
     arrays = {key: _to_flax_layout(_as_numpy(value, key), key)
               for key, value in state_dict.items()
               if not key.endswith("num_batches_tracked") and not ignore(key)}
-    return fill_state(target, arrays, checkpoint=checkpoint, model=model, rename=_torch_key)
+    return fill_state(target, arrays, checkpoint=checkpoint, model=model,
+                      rename=lambda key: rename(_torch_key(key)), unused=unused)
 
 
 def _require(state_dict: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
@@ -182,11 +196,6 @@ def _require(state_dict: Mapping[str, Any], key: str, what: str) -> tuple[int, .
 
 def _resnet_ignored(key: str) -> bool:
     return key.startswith("fc.")
-
-
-def reference_ignored(key: str) -> bool:
-    """The classifiers of the EZ-VSL reference towers, which AudioVisualModel does not have."""
-    return key.startswith(("imgnet.fc.", "audnet.fc."))
 
 
 def resnet18_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint"
@@ -201,21 +210,147 @@ def resnet18_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint"
     return state, kwargs
 
 
-def reference_model_config(state_dict: Mapping[str, Any]) -> dict[str, int]:
-    """{"width", "embed_dim"} of an EZ-VSL state dict (no 'module.'), from the widths of its
-    first image convolution and of its image projection."""
-    return {"width": _require(state_dict, "imgnet.conv1.weight", "reference-format")[0],
-            "embed_dim": _require(state_dict, "img_proj.weight", "reference-format")[0]}
+# -- the released models' formats --------------------------------------------------------------
+
+# LVS's ResNet (models/base_models.py) builds all three stems in both towers and keeps its
+# 1000-way classifier; each tower uses one stem (conv1 for images, conv1_a for audio).
+_LVS_UNUSED = ("imgnet.conv1_a.weight", "imgnet.conv1_flow.weight", "imgnet.fc.weight",
+               "imgnet.fc.bias", "audnet.conv1.weight", "audnet.conv1_flow.weight",
+               "audnet.fc.weight", "audnet.fc.bias")
+# SSL-TIE's AVENet (models/model.py) adds vision_fc1 (never called), and conv3 / norm3, whose
+# output `out1` its forward computes and discards: none of them reaches the map it returns.
+_SSLTIE_UNUSED = ("vision_fc1.weight", "vision_fc1.bias", "conv3.weight", "conv3.bias",
+                  "norm3.weight", "norm3.bias", "norm3.running_mean", "norm3.running_var")
 
 
-def av_model_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint"
-                   ) -> tuple[nnx.State, dict]:
-    """EZ-VSL state dict (no 'module.') -> (AudioVisualModel state, constructor kwargs)."""
-    kwargs = reference_model_config(state_dict)
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One released PyTorch layout: its keys, how they map onto AudioVisualModel, and the
+    model-config fields of its architecture."""
+
+    name: str  # the --format value
+    title: str
+    layout: Mapping[str, Any]  # model-config fields beyond width and embed_dim
+    embed_key: str | None  # the torch-style key whose rows are embed_dim (None: 8 * width)
+    markers: tuple[str, ...]  # keys only this layout has (--format auto)
+    renames: Mapping[str, str] = dataclasses.field(default_factory=dict)  # ours -> the file's
+    unused: tuple[str, ...] = ()  # keys every file of the layout holds that the map never uses
+    optional: tuple[str, ...] = ()  # prefixes a file may hold that the map never uses
+    momentum_prefix: str = ""  # a momentum copy of every part under this prefix (SLAVC)
+
+    def file_key(self, key: str, momentum: bool = False) -> str:
+        """The file's key of an AudioVisualModel torch-style key ("audnet.conv1.weight")."""
+        for ours, theirs in self.renames.items():
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+                break
+        return self.momentum_prefix + key if momentum else key
+
+    def unused_keys(self, used: list[str], momentum: bool = False) -> list[str]:
+        """The keys a file holds besides those of `used` (torch-style keys of the model):
+        the layout's unused parts and, with momentum copies, the copies not taken."""
+        others = [self.file_key(key, not momentum) for key in used] if self.momentum_prefix \
+            else []
+        return [*self.unused, *others]
+
+    def is_optional(self, key: str) -> bool:
+        return key.startswith(self.optional) if self.optional else False
+
+    def encoders(self, momentum: bool) -> str:
+        """", momentum encoders" / ", online encoders" for a layout with momentum copies."""
+        if not self.momentum_prefix:
+            return ""
+        return ", momentum encoders" if momentum else ", online encoders"
+
+
+_FORMAT_LIST = (
+    # stoneMo/EZ-VSL model.py (EZVSL); OpenNLPLab/FNAC_AVL model.py (FNAC) and marginNCE use
+    # the same modules. The towers' classifiers are nn.Identity there (no keys); a file that
+    # keeps them (a torchvision resnet18 with its fc) may hold imgnet.fc / audnet.fc.
+    Format("ezvsl", "EZ-VSL", {}, "img_proj.weight", ("img_proj.weight", "aud_proj.weight"),
+           optional=("imgnet.fc.", "audnet.fc.")),
+    # hche11/Localizing-Visual-Sounds-the-Hard-Way model.py (AVENet): layer4 at stride 1 in
+    # both towers (14 x 14 image map at 224 px), no projections, audio max-pooled.
+    Format("lvs", "LVS", {"image_stride": 16, "audio_stride": 16, "projection": False}, None,
+           ("imgnet.conv1_a.weight", "audnet.conv1_a.weight"),
+           renames={"audnet.conv1.": "audnet.conv1_a."}, unused=_LVS_UNUSED),
+    # stoneMo/SLAVC model.py (SLAVC): two projection heads per tower and a momentum copy of
+    # every part; test.py's map is the mean of the two heads' maps of the online encoders
+    # (the momentum ones with --use_mom_eval).
+    Format("slavc", "SLAVC", {"heads": 2}, "img_proj1.weight",
+           ("img_proj1.weight", "momentum_imgnet.conv1.weight"), momentum_prefix="momentum_"),
+    # jinxiang-liu/SSL-TIE models/model.py (AVENet): LVS's towers and map, plus modules
+    # that never reach the map.
+    Format("ssltie", "SSL-TIE", {"image_stride": 16, "audio_stride": 16, "projection": False},
+           None, ("vision_fc1.weight", "conv3.weight", "norm3.running_mean"),
+           renames={"audnet.conv1.": "audnet.conv1_a."}, unused=_LVS_UNUSED + _SSLTIE_UNUSED),
+)
+FORMATS: dict[str, Format] = {f.name: f for f in _FORMAT_LIST}
+FORMAT_CHOICES = ("auto", *FORMATS)
+# Recognition order: SSL-TIE files hold LVS's markers too.
+_RECOGNITION_ORDER = ("ssltie", "lvs", "slavc", "ezvsl")
+_TORCHVISION_MODULES = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"}
+_KNOWN_MODULES = {"imgnet", "audnet", "img_proj", "aud_proj", "img_proj1", "img_proj2",
+                  "aud_proj1", "aud_proj2", "vision_fc1", "conv3", "norm3"}
+_WRAPPERS = ("model", "model_state_dict", "state_dict")  # EZ-VSL/SLAVC/FNAC, LVS, SSL-TIE
+
+
+def describe_layout(model_config: Mapping[str, Any]) -> str:
+    """"width 64, embed_dim 512, image stride 16, audio stride 16, no projections": the fields
+    that decide a model's arrays and maps, the defaults left out."""
+    parts = [f"width {model_config['width']}", f"embed_dim {model_config['embed_dim']}"]
+    for key, default in (("image_stride", 32), ("audio_stride", 32)):
+        if model_config.get(key, default) != default:
+            parts.append(f"{key.replace('_', ' ')} {model_config[key]}")
+    if not model_config.get("projection", True):
+        parts.append("no projections")
+    if model_config.get("heads", 1) != 1:
+        parts.append(f"{model_config['heads']} heads")
+    return ", ".join(parts)
+
+
+def _rows(state_dict: Mapping[str, Any], key: str, default: int) -> int:
+    # Missing keys are named by the one check (fill_state); a default keeps the model buildable.
+    value = state_dict.get(key)
+    return int(value.shape[0]) if value is not None and len(value.shape) else default
+
+
+def format_model_config(state_dict: Mapping[str, Any], fmt: str | Format,
+                        momentum: bool = False) -> dict[str, Any]:
+    """{"width", "embed_dim", and the format's layout fields} of a state dict (no 'module.'):
+    width from the image tower's first convolution, embed_dim from the format's first image
+    projection (8 * width without projections)."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    width = _rows(state_dict, fmt.file_key("imgnet.conv1.weight", momentum), 64)
+    embed_dim = 8 * width if fmt.embed_key is None else _rows(
+        state_dict, fmt.file_key(fmt.embed_key, momentum), 8 * width)
+    return {"width": width, "embed_dim": embed_dim, **fmt.layout}
+
+
+def format_state(target: nnx.State, state_dict: Mapping[str, Any], fmt: str | Format, *,
+                 momentum: bool = False, checkpoint: str, model: str) -> nnx.State:
+    """`target` (an AudioVisualModel's Param and BatchStat state, built from
+    format_model_config) filled from a state dict of format `fmt`: every key either loaded,
+    or one of the format's unused keys (which must be there), or a ModelMismatchError."""
+    fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
+    if momentum and not fmt.momentum_prefix:
+        raise ValueError(f"{checkpoint}: the {fmt.name} format has no momentum encoders "
+                         "(only slavc has)")
+    used = [_torch_key(dotted_key(path)) for path, _ in jax.tree_util.tree_leaves_with_path(target)]
+    return state_from_torch(target, state_dict, fmt.is_optional, checkpoint=checkpoint,
+                            model=model, rename=lambda key: fmt.file_key(key, momentum),
+                            unused=fmt.unused_keys(used, momentum))
+
+
+def av_model_state(state_dict: Mapping[str, Any], checkpoint: str = "checkpoint",
+                   fmt: str = "ezvsl", momentum: bool = False) -> tuple[nnx.State, dict]:
+    """A released model's state dict (no 'module.') -> (AudioVisualModel state, constructor
+    kwargs)."""
+    kwargs = format_model_config(state_dict, fmt, momentum)
     abstract = nnx.eval_shape(lambda: AudioVisualModel(**kwargs, rngs=nnx.Rngs(0)))
-    state = state_from_torch(nnx.state(abstract, (nnx.Param, nnx.BatchStat)), state_dict,
-                             reference_ignored, checkpoint=checkpoint,
-                             model=f"AudioVisualModel ({_fields(kwargs)})")
+    state = format_state(nnx.state(abstract, (nnx.Param, nnx.BatchStat)), state_dict, fmt,
+                         momentum=momentum, checkpoint=checkpoint,
+                         model=f"AudioVisualModel ({describe_layout(kwargs)})")
     return state, kwargs
 
 
@@ -224,35 +359,79 @@ def _strip_module(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
-def read_checkpoint(path: str | PathLike) -> tuple[str, dict[str, Any]]:
-    """Read a file and tell its format: ('torchvision' | 'reference', state dict)."""
+def _is_tensor(value: Any) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+def read_state_dict(path: str | PathLike) -> dict[str, Any]:
+    """The state dict of a file: the top-level dict, or the one its training script wrapped
+    under 'model' (EZ-VSL, SLAVC, FNAC), 'model_state_dict' (LVS, SSLalignment) or
+    'state_dict' (SSL-TIE), with DataParallel's 'module.' prefixes removed."""
     obj = read_torch_file(path)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    state_dict = _strip_module(obj)
-    if any(k.startswith(_REFERENCE_PREFIXES) for k in state_dict):
-        return "reference", state_dict
+    for key in _WRAPPERS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    others = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not _is_tensor(v)]
+    if others:
+        raise ValueError(f"{path}: a checkpoint wrapper sslocal does not know: entries "
+                         f"{_first_few(others, ', ')} are not tensors (a state dict is read "
+                         f"from the file itself or from its {', '.join(map(repr, _WRAPPERS))})")
+    return _strip_module(obj)
+
+
+def detect_format(state_dict: Mapping[str, Any]) -> str | None:
+    """'ssltie' | 'lvs' | 'slavc' | 'ezvsl' | 'torchvision' from the keys (no 'module.'),
+    or None for a layout sslocal does not know."""
+    for name in _RECOGNITION_ORDER:
+        if any(marker in state_dict for marker in FORMATS[name].markers):
+            return name
     if "conv1.weight" in state_dict:
-        return "torchvision", state_dict
-    sample = ", ".join(list(state_dict)[:5])
-    raise ValueError(
-        f"{path}: neither a torchvision ResNet18 nor an EZ-VSL reference checkpoint "
-        f"(first keys: {sample or 'none'})"
-    )
+        return "torchvision"
+    return None
+
+
+def unknown_layout_error(path: str | PathLike, state_dict: Mapping[str, Any]) -> ValueError:
+    """The error for a state dict of no known layout, naming the keys that fit none."""
+    known = _KNOWN_MODULES | _TORCHVISION_MODULES
+    stray = [k for k in state_dict if k.split(".")[0] not in known
+             and not k.startswith("momentum_")]
+    if stray:
+        detail = f"keys that fit none of them: {_first_few(stray, ', ')}"
+    else:
+        markers = sorted({m for f in FORMATS.values() for m in f.markers})
+        detail = (f"none of their keys {', '.join(markers)} or conv1.weight is present (keys: "
+                  f"{_first_few(list(state_dict), ', ') or 'none'})")
+    return ValueError(f"{path}: not a layout sslocal knows (formats {', '.join(FORMATS)}, or a "
+                      f"torchvision ResNet18): {detail}")
+
+
+def read_checkpoint(path: str | PathLike) -> tuple[str, dict[str, Any]]:
+    """Read a file and tell its format from its keys: ('torchvision' | 'ezvsl' | 'lvs' |
+    'slavc' | 'ssltie', state dict without 'module.'); an unknown layout raises, naming the
+    keys that fit no format."""
+    state_dict = read_state_dict(path)
+    kind = detect_format(state_dict)
+    if kind is None:
+        raise unknown_layout_error(path, state_dict)
+    return kind, state_dict
 
 
 def load_torch_checkpoint_with_config(path: str | PathLike) -> tuple[nnx.State, str, dict]:
-    """(state, 'torchvision' | 'reference', constructor kwargs of ResNet18 / AudioVisualModel)."""
+    """(state, the file's format (read_checkpoint), constructor kwargs of ResNet18 /
+    AudioVisualModel)."""
     kind, state_dict = read_checkpoint(path)
-    make = resnet18_state if kind == "torchvision" else av_model_state
-    state, kwargs = make(state_dict, str(path))
+    if kind == "torchvision":
+        state, kwargs = resnet18_state(state_dict, str(path))
+    else:
+        state, kwargs = av_model_state(state_dict, str(path), kind)
     return state, kind, kwargs
 
 
 def load_torch_checkpoint(path: str | PathLike) -> nnx.State:
-    """torchvision ResNet18 file -> ResNet18 state; reference file -> AudioVisualModel state.
+    """torchvision ResNet18 file -> ResNet18 state; a released model -> AudioVisualModel state.
 
     The state holds nnx.Param and nnx.BatchStat variables (float32); apply it with load_into.
     """

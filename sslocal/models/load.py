@@ -1,5 +1,6 @@
-"""One loader for trained models: a training workdir, a model directory or an EZ-VSL PyTorch
-file -> the model, its weights in place, the config it was built from and its frame size.
+"""One loader for trained models: a training workdir, a model directory or a released PyTorch
+file (convert.FORMATS) -> the model, its weights in place, the config it was built from and its
+frame size.
 
 Every path checks the arrays against the model they are described to be (convert.fill_state)
 and raises one ModelMismatchError naming the differences.
@@ -25,7 +26,7 @@ __all__ = ["LoadedModel", "ModelMismatchError", "load_model"]
 logger = logging.getLogger(__name__)
 
 # Fields of a described model that say how it was made or used, not what it is.
-_NOT_MODEL_FIELDS = ("image_pretrained", "image_size", "converted_from")
+_NOT_MODEL_FIELDS = ("image_pretrained", "image_size", "converted_from", "format", "momentum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,17 +39,22 @@ class LoadedModel:
     model_config: dict  # the fields it was built from: width, embed_dim, dtype, audio_pool, ...
     image_size: int  # the frame size S it was trained at
     description: str  # what was loaded: "/runs/a/best/384", "/m/a.pth (EZ-VSL format, ...)"
+    # The released format it was converted from (convert.FORMATS), None for sslocal's own.
+    source_format: str | None = None
 
     def variables(self) -> dict:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-               which: str = "best") -> LoadedModel:
+               which: str = "best", format: str = "auto", momentum: bool = False
+               ) -> LoadedModel:
     """The model at `path`: a training workdir (config.json; its best checkpoint, or its latest
     when no evaluation ran or `which="latest"`), a model directory (model.json, as written by
-    checkpointing.save_model and `sslocal convert`), or any regular file, read as an EZ-VSL
-    reference-format PyTorch checkpoint (.pth, .pt, .pth.tar, .bin) and converted in memory.
+    checkpointing.save_model and `sslocal convert`), or any regular file, read as a released
+    PyTorch checkpoint (.pth, .pt, .pth.tar, .bin) of `format` (convert.FORMAT_CHOICES; "auto":
+    recognised from its keys) and converted in memory; `momentum` takes SLAVC's momentum
+    encoders instead of the online ones its test.py evaluates by default.
 
     The model is built from the config the checkpoint describes, never with ImageNet weights;
     image_size is config.json's, or model.json's when recorded, else the paper's 224. The
@@ -60,20 +66,16 @@ def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None
         raise FileNotFoundError(f"checkpoint not found: {path}")
     placement = (sharding.replicated(mesh) if mesh is not None
                  else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    source_format = None
     if path.is_file():
-        kind, state_dict = convert.read_checkpoint(path)
-        if kind != "reference":
-            raise ValueError(f"{path}: a torchvision ResNet18 is not a full model; give it to the "
-                             "config as model.image_pretrained or eval.ogl_weights instead")
-        model_config = {**convert.reference_model_config(state_dict), **factory.MODEL_DEFAULTS}
-        graphdef, target = _abstract_model(model_config, placement)
-        description = f"{path} (EZ-VSL format, converted in memory)"
-        state = convert.state_from_torch(
-            target, state_dict, convert.reference_ignored, checkpoint=description,
-            model=f"the model its imgnet.conv1 and img_proj describe ({_shape(model_config)})")
+        source_format, model_config, graphdef, state, description = _convert_file(
+            path, format, momentum, placement)
         image_size = protocol.IMAGE_SIZE
         logger.info("loaded %s", description)
     else:
+        if format != "auto" or momentum:
+            raise ValueError(f"{path} is a directory: format and momentum apply to PyTorch "
+                             "files (a converted model directory records its own)")
         described = checkpointing.read_model_description(path)
         model_config = {**factory.MODEL_DEFAULTS, **{
             key: value for key, value in described.items() if key not in _NOT_MODEL_FIELDS}}
@@ -85,12 +87,49 @@ def load_model(path: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None
             target, {**convert.flat_arrays(arrays["params"]),
                      **convert.flat_arrays(arrays["batch_stats"])},
             checkpoint=f"checkpoint {description}",
-            model=f"the model {source} describes ({_shape(model_config)})")
+            model=f"the model {source} describes ({convert.describe_layout(model_config)})")
         image_size = int(described.get("image_size", protocol.IMAGE_SIZE))
+        source_format = described.get("format")
+        if source_format in convert.FORMATS:
+            fmt = convert.FORMATS[source_format]
+            description = (f"{description} ({fmt.title} format"
+                           f"{fmt.encoders(bool(described.get('momentum')))}, converted from "
+                           f"{described.get('converted_from', 'a PyTorch file')})")
     params, batch_stats = nnx.split_state(state, nnx.Param, nnx.BatchStat)
     return LoadedModel(graphdef=graphdef, params=params, batch_stats=batch_stats,
                        model_config=model_config, image_size=image_size,
-                       description=description)
+                       description=description, source_format=source_format)
+
+
+def _convert_file(path, format: str, momentum: bool, placement: jax.sharding.Sharding):
+    """A released PyTorch file -> (format name, model config, graphdef, state, description)."""
+    if format not in convert.FORMAT_CHOICES:
+        raise ValueError(f"unknown format {format!r}; choose one of "
+                         f"{', '.join(convert.FORMAT_CHOICES)}")
+    state_dict = convert.read_state_dict(path)
+    detected = convert.detect_format(state_dict)
+    name = detected if format == "auto" else format
+    if name is None:
+        raise convert.unknown_layout_error(path, state_dict)
+    if name == "torchvision":
+        raise ValueError(f"{path}: a torchvision ResNet18 is not a full model; give it to the "
+                         "config as model.image_pretrained or eval.ogl_weights instead")
+    fmt = convert.FORMATS[name]
+    model_config = {**factory.MODEL_DEFAULTS, **convert.format_model_config(state_dict, fmt,
+                                                                            momentum)}
+    graphdef, target = _abstract_model(model_config, placement)
+    description = f"{path} ({fmt.title} format{fmt.encoders(momentum)}, converted in memory)"
+    try:
+        state = convert.format_state(
+            target, state_dict, fmt, momentum=momentum, checkpoint=description,
+            model=f"the {fmt.title} layout ({convert.describe_layout(model_config)})")
+    except ModelMismatchError as error:
+        if detected is None or detected == name:
+            raise
+        those = ("a torchvision ResNet18" if detected == "torchvision"
+                 else f"the {detected} format (--format auto)")
+        raise ModelMismatchError(f"{error}; its keys are those of {those}") from None
+    return name, model_config, graphdef, state, description
 
 
 def _abstract_model(model_config: dict, placement: jax.sharding.Sharding
@@ -104,8 +143,3 @@ def _abstract_model(model_config: dict, placement: jax.sharding.Sharding
                                                             sharding=placement),
                           nnx.merge_state(params, batch_stats))
     return graphdef, target
-
-
-def _shape(model_config: dict) -> str:
-    """"width 16, embed_dim 128": the fields that decide the arrays' shapes."""
-    return f"width {model_config['width']}, embed_dim {model_config['embed_dim']}"
