@@ -37,9 +37,10 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                   "throughput of the train step, the input pipeline, or both",
                   ("config", "dataset", "out")),
     "study": ("sslocal study {margin|seeds} --config FILE --workdir DIR [--margins=...] "
-              "[--seeds=N]", "seeds: one config over N seeds (mean, std, min); margin: the "
-              "margin study (Table 6) on synthetic data with noisy correspondence",
-              ("config", "workdir", "margins", "seeds")),
+              "[--seeds=N] [--dataset NAME]", "seeds: one config over N seeds (mean, std, "
+              "min); margin: the margin study (Table 6) with paired seeds on synthetic data with "
+              "noisy correspondence (--dataset synthetic_av/small: the clean comparison)",
+              ("config", "workdir", "margins", "seeds", "dataset")),
 }
 USAGE = (f"usage: sslocal {{{'|'.join(COMMANDS)}}} [flags]   (sslocal COMMAND --help for its "
          "flags)")
@@ -57,7 +58,8 @@ flags.DEFINE_bool("report", False, "evaluate: write report.html with plots and o
 flags.DEFINE_bool("baselines", False, "evaluate: also centre / random / oracle maps and the "
                   "untrained model")
 flags.DEFINE_string("out", None, "evaluate/localize/benchmark: output directory")
-flags.DEFINE_string("dataset", None, "prepare/evaluate/benchmark input: TFDS name/config")
+flags.DEFINE_string("dataset", None, "TFDS name/config: prepare's and benchmark's input, "
+                    "evaluate's test sets (several, comma-separated), study margin's data")
 flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
 flags.DEFINE_string("data_dir", None, "prepare: where TFDS datasets live (default: config's)")
 flags.DEFINE_bool("overwrite", False, "prepare: rebuild a dataset that is already prepared")
@@ -169,7 +171,7 @@ def _dispatch(command: str, args: list[str]) -> None:
 
         if args == ["margin"]:
             study.margin_study(_config(), [float(m) for m in FLAGS.margins], FLAGS.seeds,
-                               _require("workdir"))
+                               _require("workdir"), dataset=FLAGS.dataset or study.STUDY_DATASET)
         elif args == ["seeds"]:
             study.seed_study(_config(), FLAGS.seeds, _require("workdir"))
         else:

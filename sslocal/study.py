@@ -4,12 +4,16 @@ seeds: one config trained with seeds 0 .. n-1 (the demo: how far its numbers mov
 or one processor, to another): per metric the mean, standard deviation and minimum, at the last
 epoch and at the best one, and the share of the centre-to-oracle gap closed.
 
-margin: the paper's Table 6 on synthetic data with noisy correspondence. Each margin is trained
-with several seeds on "synthetic_av/noisy" (a fifth of the training sounds off-screen, frequent
-categories that put false negatives in a batch) and scored on its clean test split. Reported:
-the last epoch's cIoU@0.5 and AUC, mean +- std over seeds (no selection of the best epoch on
-the test set). A finished run is not trained again, so an interrupted study continues where it
-stopped.
+margin: the paper's Table 6 on synthetic data whose noise is known. Each margin is trained with
+the same seeds on one dataset ("synthetic_av/noisy" by default: off-screen sounds and frequent
+categories, data/synthetic.py; "synthetic_av/small" for the clean comparison) and scored on its
+clean test split at the last epoch (no selection of the best epoch on the test set). Seeds are
+paired: under one seed every margin starts from the same initial weights and sees the same
+batches in the same order (both come from `config.seed` alone), so a difference between two
+margins under one seed is the margin's. Reported per margin: the mean and standard deviation
+over seeds, and the paired difference from the reference margin (0) with a 95% bootstrap
+interval over seeds and test samples (`paired_differences`). A finished run is not trained
+again, so an interrupted study continues where it stopped.
 """
 
 from __future__ import annotations
@@ -17,50 +21,165 @@ from __future__ import annotations
 import copy
 import json
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
 from etils import epath
 
-from sslocal import train
+from sslocal import metrics, train
 from sslocal.writers import as_path
 
 STUDY_DATASET = "synthetic_av/noisy"
+REFERENCE_MARGIN = 0.0  # the paired differences are taken from InfoNCE's margin
+STUDY_METRICS = ("cIoU", "AUC")  # cIoU@0.5 and the area under the success curve
+LAST_EPOCH = "last_epoch_cious.json"  # a run's per-sample cIoU at its last step
 
 
-def _run_config(config: ml_collections.ConfigDict, margin: float, seed: int):
+def _run_config(config: ml_collections.ConfigDict, margin: float, seed: int,
+                dataset: str = STUDY_DATASET) -> ml_collections.ConfigDict:
+    """The config of one run: only the margin differs between the runs of one seed."""
     run = copy.deepcopy(config)
     run.unlock()
     run.margin = margin
     run.seed = seed
-    run.train_dataset = STUDY_DATASET
-    run.test_datasets = (STUDY_DATASET,)
+    run.train_dataset = dataset
+    run.test_datasets = (dataset,)
     run.eval.report = False
     run.eval.baselines = False
     run.lock()
     return run
 
 
+def paired_differences(cious: dict[str, list[np.ndarray]], reference: str, *,
+                       num_resamples: int = 2000, level: float = 0.95, seed: int = 0,
+                       draws: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, dict]:
+    """Each margin's difference from `reference` in cIoU@0.5 and AUC, paired by seed and by
+    test sample, with a percentile bootstrap interval.
+
+    cious[margin][s]: the (N,) per-sample cIoU of seed s (the same N test samples, in the same
+    order, for every margin and seed). The estimate is the mean over seeds of
+    metric(margin, s) - metric(reference, s). Each bootstrap replicate draws S seeds and N test
+    samples with replacement, the same draw for both margins (paired) and for every seed
+    (crossed: every seed is scored on the same samples), and recomputes that mean; the interval
+    is the replicates' (1 - level) / 2 and (1 + level) / 2 quantiles. It counts both the seed
+    spread and the finite test set; with few seeds it is wide, as it should be. `draws` =
+    (seed indices (R, S), sample indices (R, N)) replaces the random draws (for tests).
+    """
+    ref = np.stack(cious[reference]).astype(np.float64)
+    num_seeds, n = ref.shape
+    if draws is None:
+        rng = np.random.default_rng(seed)
+        draws = (rng.integers(0, num_seeds, (num_resamples, num_seeds)),
+                 rng.integers(0, n, (num_resamples, n)))
+    seed_draws, sample_draws = draws
+    rows = np.repeat(np.arange(len(sample_draws)), sample_draws.shape[1])
+    weights = np.zeros((len(sample_draws), n))
+    np.add.at(weights, (rows, sample_draws.reshape(-1)), 1.0 / sample_draws.shape[1])
+    t = metrics.AUC_THRESHOLDS
+    at_half = int(np.flatnonzero(np.isclose(t, 0.5))[0])
+
+    def scores(c: np.ndarray) -> tuple[dict, dict]:
+        """{metric: (S,) per seed} on the test set and {metric: (R, S)} per replicate."""
+        hits = (c[:, :, None] >= t).astype(np.float64)  # (S, N, T)
+        curves = {"point": hits.mean(axis=1), "replicates": np.einsum("rn,snt->rst", weights,
+                                                                      hits)}
+        out = [{"cIoU": curve[..., at_half],
+                "AUC": np.sum(np.diff(t) * (curve[..., 1:] + curve[..., :-1]) / 2, axis=-1)}
+               for curve in curves.values()]
+        return out[0], out[1]
+
+    ref_point, ref_reps = scores(ref)
+    quantiles = ((1 - level) / 2, (1 + level) / 2)
+    table = {}
+    for margin, runs in cious.items():
+        c = np.stack(runs).astype(np.float64)
+        if c.shape != ref.shape:
+            raise ValueError(f"margin {margin}: {c.shape[0]} seeds x {c.shape[1]} samples, "
+                             f"the reference {reference} has {num_seeds} x {n}")
+        point, reps = scores(c)
+        table[margin] = {}
+        for key in STUDY_METRICS:
+            per_seed = point[key] - ref_point[key]
+            diff = reps[key] - ref_reps[key]  # (R, S)
+            boot = np.take_along_axis(diff, seed_draws, axis=1).mean(axis=1)
+            low, high = np.quantile(boot, quantiles)
+            table[margin][key] = {"difference": float(per_seed.mean()),
+                                  "per_seed": per_seed.tolist(),
+                                  "interval": [float(low), float(high)]}
+    return table
+
+
+def _last_epoch_cious(run_dir: epath.Path, dataset: str, evaluator: Any, source: Any,
+                      mesh: Any) -> np.ndarray:
+    """The per-sample cIoU of a run's last checkpoint (its last step), through the one
+    evaluator; written to run_dir/last_epoch_cious.json and read back on a rerun."""
+    from sslocal.models import load
+
+    path = run_dir / LAST_EPOCH
+    if not path.exists():
+        model = load.load_model(run_dir, mesh=mesh, which="latest")
+        result = evaluator.run(model, source, dataset)
+        path.write_text(json.dumps({"checkpoint": model.description, "ids": result.ids,
+                                    "cious": result.cious["av"].tolist()}))
+    return np.asarray(json.loads(path.read_text())["cious"])
+
+
 def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds: int,
-                 workdir: str | os.PathLike) -> dict[str, dict]:
+                 workdir: str | os.PathLike, *, dataset: str = STUDY_DATASET,
+                 num_resamples: int = 2000) -> dict[str, dict]:
+    """Trains every margin with seeds 0 .. seeds-1 on `dataset` in workdir/<dataset>/ and
+    returns its table: per margin the last epoch's cIoU@0.5, AUC and mean cIoU ({"mean",
+    "std", "values"} over seeds) and the paired difference from margin 0
+    (`paired_differences`). workdir/margin_study.json holds one table per dataset studied
+    there (a second dataset adds its own); margin_study.png plots them all."""
+    from sslocal import sharding
+    from sslocal.data import prepare as data_prepare
+    from sslocal.evaluator import Evaluator
+
+    if REFERENCE_MARGIN not in margins:
+        raise ValueError(f"the paired differences are taken from margin {REFERENCE_MARGIN}: "
+                         f"add it to the margins ({margins})")
     workdir = as_path(workdir)  # a folder or a gs:// URL
-    workdir.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
+    runs_dir = workdir / dataset.replace("/", "_")
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh()
+    evaluator, source = None, None
+    summaries: dict[str, list[dict]] = {}
+    cious: dict[str, list[np.ndarray]] = {}
     for margin in margins:
         for seed in range(seeds):
-            run_dir = workdir / f"margin{margin:+.2f}_seed{seed}"
+            run_dir = runs_dir / f"margin{margin:+.2f}_seed{seed}"
+            run = _run_config(config, margin, seed, dataset)
             final = run_dir / "final_metrics.json"
             results = json.loads(final.read_text()) if final.exists() else {}
-            if STUDY_DATASET not in results:  # not run yet, or interrupted: (re)start
-                results = train.train_and_evaluate(_run_config(config, margin, seed), run_dir)
-            runs.setdefault(f"{margin:+.2f}", []).append(results[STUDY_DATASET])
-    table = {margin: {key: (float(np.mean([r[key] for r in rs])),
-                            float(np.std([r[key] for r in rs])))
-                      for key in ("cIoU", "AUC", "mean_cIoU")} | {"seeds": len(rs)}
-             for margin, rs in runs.items()}
-    (workdir / "margin_study.json").write_text(json.dumps(table, indent=2))
-    print(margin_table(table))
-    plot(table, workdir / "margin_study.png")
+            if dataset not in results:  # not run yet, or interrupted: (re)start
+                results = train.train_and_evaluate(run, run_dir)
+            if evaluator is None:  # one evaluator, one compilation, for every run
+                evaluator = Evaluator(run, mesh)
+                source = data_prepare.load_split(
+                    dataset, "test", os.fspath(as_path(run.data_dir)) if run.data_dir else None)
+            key = f"{margin:+.2f}"
+            summaries.setdefault(key, []).append(results[dataset])
+            cious.setdefault(key, []).append(
+                _last_epoch_cious(run_dir, dataset, evaluator, source, mesh))
+    paired = paired_differences(cious, f"{REFERENCE_MARGIN:+.2f}", num_resamples=num_resamples)
+    table = {"seeds": seeds, "num_epochs": int(config.num_epochs),
+             "test_samples": int(len(next(iter(cious.values()))[0])),
+             "interval": f"95% percentile bootstrap over seeds and test samples, paired, "
+                         f"{num_resamples} resamples",
+             "margins": {margin: {key: {"mean": float(np.mean([r[key] for r in rows])),
+                                        "std": float(np.std([r[key] for r in rows])),
+                                        "values": [r[key] for r in rows]}
+                                  for key in ("cIoU", "AUC", "mean_cIoU")}
+                         | {"paired": paired[margin]}
+                         for margin, rows in summaries.items()}}
+    path = workdir / "margin_study.json"
+    studies = json.loads(path.read_text()) if path.exists() else {}
+    studies[dataset] = table
+    path.write_text(json.dumps(studies, indent=2))
+    print(margin_table(table, dataset))
+    plot(studies, workdir / "margin_study.png")
     return table
 
 
@@ -128,32 +247,43 @@ def seed_table(table: dict[str, dict], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def margin_table(table: dict[str, dict]) -> str:
-    lines = ["| margin | cIoU@0.5 (x100) | AUC (x100) | mean cIoU (x100) | seeds |",
-             "| ---: | ---: | ---: | ---: | ---: |"]
-    for margin, row in table.items():
-        cells = [f"{100 * row[k][0]:.2f} +- {100 * row[k][1]:.2f}"
+def margin_table(table: dict[str, Any], dataset: str) -> str:
+    """Markdown: per margin the mean +- std over seeds and the paired difference from margin 0
+    with its interval (x 100)."""
+    lines = [f"{dataset}, {table['seeds']} seeds, {table['num_epochs']} epochs, last epoch "
+             f"(x 100; difference from margin 0 with a {table['interval']})",
+             "| margin | cIoU@0.5 | AUC | mean cIoU | cIoU@0.5 - margin 0 | AUC - margin 0 |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for margin, row in table["margins"].items():
+        cells = [f"{100 * row[k]['mean']:.2f} +- {100 * row[k]['std']:.2f}"
                  for k in ("cIoU", "AUC", "mean_cIoU")]
-        lines.append(f"| {margin} | {' | '.join(cells)} | {row['seeds']} |")
+        for key in STUDY_METRICS:
+            d = row["paired"][key]
+            low, high = d["interval"]
+            cells.append(f"{100 * d['difference']:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]")
+        lines.append(f"| {margin} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def plot(table: dict[str, dict], path: epath.Path) -> None:
+def plot(studies: dict[str, dict], path: epath.Path) -> None:
+    """cIoU@0.5 and AUC against the margin, one line per dataset, error bars: std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    margins = [float(m) for m in table]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    for key, label in (("cIoU", "cIoU@0.5"), ("AUC", "AUC")):
-        mean = [100 * row[key][0] for row in table.values()]
-        std = [100 * row[key][1] for row in table.values()]
-        ax.errorbar(margins, mean, yerr=std, marker="o", capsize=3, label=label)
-    ax.set_xlabel("margin")
-    ax.set_ylabel("x 100")
-    ax.set_title("marginNCE on noisy synthetic data")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=120)
+    for ax, (key, label) in zip(axes, (("cIoU", "cIoU@0.5"), ("AUC", "AUC")), strict=True):
+        for dataset, table in studies.items():
+            rows = table["margins"]
+            margins = [float(m) for m in rows]
+            ax.errorbar(margins, [100 * r[key]["mean"] for r in rows.values()],
+                        yerr=[100 * r[key]["std"] for r in rows.values()], marker="o",
+                        capsize=3, label=f"{dataset} ({table['seeds']} seeds)")
+        ax.set_xlabel("margin")
+        ax.set_ylabel(f"{label} (x 100)")
+        ax.legend(fontsize=7)
+    fig.suptitle("marginNCE: last epoch, mean +- std over seeds")
     fig.tight_layout()
     with as_path(path).open("wb") as f:
         fig.savefig(f, format="png")

@@ -3,11 +3,12 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from configs import tiny
-from sslocal import study
+from sslocal import metrics, study
 
 NAME = "synthetic_av/tiny"
 LAST = {0: (0.80, 0.58), 1: (0.70, 0.55), 2: (0.90, 0.60)}  # seed -> last epoch cIoU, AUC
@@ -54,3 +55,121 @@ def test_seed_study_statistics(tmp_path, monkeypatch):
 def test_seed_study_needs_the_baselines(tmp_path):
     with pytest.raises(ValueError, match="eval.baselines"):
         study.seed_study(tiny.get_config(), 2, tmp_path)
+
+
+# ------------------------------------------------------------------------------ margin study
+
+def _loop_difference(cious, margin, reference, seed_draw, sample_draw):
+    """One bootstrap replicate, written out: the drawn seeds' mean of the metric differences on
+    the drawn samples (metrics.summarize on each resampled vector)."""
+    out = {"cIoU": [], "AUC": []}
+    for s in seed_draw:
+        a = metrics.summarize(np.asarray(cious[margin][s], np.float64)[sample_draw])
+        b = metrics.summarize(np.asarray(cious[reference][s], np.float64)[sample_draw])
+        for key in out:
+            out[key].append(a[key] - b[key])
+    return {key: float(np.mean(v)) for key, v in out.items()}
+
+
+def test_paired_differences_on_hand_made_numbers():
+    ref = [np.array([0.4, 0.6, 0.2, 0.9]), np.array([0.5, 0.1, 0.7, 0.3])]
+    # seed 0: one more sample over 0.5 (2 -> 3 of 4); seed 1: the same as the reference
+    better = [np.array([0.55, 0.6, 0.2, 0.9]), ref[1].copy()]
+    table = study.paired_differences({"+0.00": ref, "-0.20": better}, "+0.00",
+                                     num_resamples=500)
+    assert table["+0.00"]["cIoU"] == {"difference": 0.0, "per_seed": [0.0, 0.0],
+                                      "interval": [0.0, 0.0]}
+    d = table["-0.20"]["cIoU"]
+    assert d["per_seed"] == pytest.approx([0.25, 0.0]) and d["difference"] == pytest.approx(0.125)
+    # AUC: 0.4 -> 0.55 moves that sample past the thresholds 0.45, 0.5 and 0.55 (3 of the 21
+    # points, 0.05 apart): the trapezoid gains 3 * 0.05 / 4 samples
+    assert table["-0.20"]["AUC"]["per_seed"] == pytest.approx([3 * 0.05 / 4, 0.0])
+    low, high = d["interval"]
+    # Half the resamples show no difference (seed 1 twice, or seed 0 without that sample):
+    # the interval starts at 0, and one seed's gain cannot exclude it
+    assert low == 0.0 and 0.125 < high <= 1.0
+
+
+def test_paired_differences_equal_a_loop_over_the_same_draws():
+    rng = np.random.default_rng(3)
+    seeds, n, reps = 3, 40, 30
+    cious = {m: [rng.uniform(0, 1, n) ** p for _ in range(seeds)]
+             for m, p in (("+0.00", 1.0), ("-0.20", 0.7), ("+0.20", 1.4))}
+    draws = (rng.integers(0, seeds, (reps, seeds)), rng.integers(0, n, (reps, n)))
+    table = study.paired_differences(cious, "+0.00", draws=draws, level=0.8)
+    for margin in ("-0.20", "+0.20"):
+        loop = [_loop_difference(cious, margin, "+0.00", draws[0][r], draws[1][r])
+                for r in range(reps)]
+        for key in ("cIoU", "AUC"):
+            boot = np.array([x[key] for x in loop])
+            np.testing.assert_allclose(table[margin][key]["interval"],
+                                       np.quantile(boot, (0.1, 0.9)), atol=1e-12)
+            point = [metrics.summarize(cious[margin][s])[key]
+                     - metrics.summarize(cious["+0.00"][s])[key] for s in range(seeds)]
+            np.testing.assert_allclose(table[margin][key]["per_seed"], point, atol=1e-12)
+
+
+def test_paired_differences_refuse_unpaired_runs():
+    with pytest.raises(ValueError, match="2 seeds x 3 samples"):
+        study.paired_differences({"+0.00": [np.zeros(4)] * 2, "-0.20": [np.zeros(3)] * 2},
+                                 "+0.00")
+
+
+def test_margin_study_pairs_seeds_and_reports_each_margin(tmp_path, monkeypatch):
+    """The real study on synthetic_av/tiny (2 steps a run): both margins of a seed start from
+    the same weights and see the same batches; the table is the runs' own numbers; the study
+    needs margin 0."""
+    import hashlib
+    import os
+
+    from sslocal import train
+    from sslocal.data import builders
+
+    data_dir = tmp_path / "tfds"
+    builders.get_builder("synthetic_av/tiny", data_dir=os.fspath(data_dir)).download_and_prepare()
+    seen: dict[int, list[str]] = {}
+    make_step = train.make_train_step
+
+    def recording_step(graphdef, tx, loss_fn, mesh):
+        step = make_step(graphdef, tx, loss_fn, mesh)
+        log = seen.setdefault(len(seen), [])  # one log per run, in run order
+
+        def run(state, batch):
+            if not log:  # the initial weights
+                log.append(_digest(jax.device_get(state.params)))
+            log.append(hashlib.sha1(np.asarray(batch["image"]).tobytes()).hexdigest())
+            return step(state, batch)
+        return run
+
+    monkeypatch.setattr(train, "make_train_step", recording_step)
+    config = tiny.get_config()
+    config.data_dir = os.fspath(data_dir)
+    config.max_steps = 2
+    with pytest.raises(ValueError, match="margin 0.0"):
+        study.margin_study(config, [0.2, -0.2], 1, tmp_path / "study", dataset=NAME)
+    table = study.margin_study(config, [0.0, -0.2], 1, tmp_path / "study", dataset=NAME,
+                               num_resamples=50)
+    assert len(seen) == 2 and len(seen[0]) == 3
+    assert seen[0] == seen[1]  # paired: the same initial weights, the same two batches
+    assert seen[0][1] != seen[0][2]  # (and the digests do see a batch's content)
+    runs = tmp_path / "study" / "synthetic_av_tiny"
+    for margin in ("+0.00", "-0.20"):
+        final = json.loads((runs / f"margin{margin}_seed0" / "final_metrics.json").read_text())
+        row = table["margins"][margin]
+        assert row["cIoU"]["values"] == [final[NAME]["cIoU"]]
+        # the per-sample cIoU of the last checkpoint gives the run's own last-epoch numbers
+        last = json.loads((runs / f"margin{margin}_seed0" / study.LAST_EPOCH).read_text())
+        assert metrics.summarize(last["cious"])["AUC"] == pytest.approx(final[NAME]["AUC"],
+                                                                        abs=1e-12)
+    assert table["margins"]["+0.00"]["paired"]["AUC"]["difference"] == 0.0
+    saved = json.loads((tmp_path / "study" / "margin_study.json").read_text())
+    assert saved[NAME] == table and (tmp_path / "study" / "margin_study.png").stat().st_size > 0
+
+
+def _digest(tree) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()
