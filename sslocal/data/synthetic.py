@@ -84,7 +84,7 @@ PRESETS = {
     # The margin study (sslocal study margin): "small" with noisy correspondence in training.
     # offscreen_prob 0.2: a fifth of the training clips sound from a category not in view (faulty
     # positives). repeat_prob 0.5: half of the clips take their sound from the 4 frequent
-    # categories, so a batch of 64 holds about 8 clips of each of them (faulty negatives: the
+    # categories, so a batch of 64 holds about 10 clips of each of them (faulty negatives: the
     # pairs the negative margin is meant to forgive). The test split is clean (every test scene
     # shows its sounding object; builders/synthetic_av.scene_config). Its boxes are those of
     # "small"'s test split (the layout does not depend on the categories), so the references
