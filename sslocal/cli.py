@@ -24,9 +24,10 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                  "score workdirs, model directories or PyTorch files on the config's test sets",
                  ("config", "checkpoint", "dataset", "ids", "ogl", "report", "baselines",
                   "out")),
-    "prepare": ("sslocal prepare --dataset NAME/CONFIG --root DIR [--data_dir DIR]",
-                "build a dataset's ArrayRecord files once, with a manifest of what was missing",
-                ("dataset", "root", "data_dir", "overwrite", "config")),
+    "prepare": ("sslocal prepare --dataset NAME/CONFIG --root DIR [--data_dir DIR] [--verify]",
+                "build a dataset's ArrayRecord files once, with a manifest of what was missing; "
+                "--verify checks a prepared one against its manifest",
+                ("dataset", "root", "data_dir", "overwrite", "verify", "config")),
     "localize": ("sslocal localize --checkpoint PATH (--video FILE | --image FILE --audio FILE) "
                  "--out DIR", "heatmaps of where the sound comes from, on your own clips",
                  ("checkpoint", "video", "image", "audio", "every", "ogl", "out", "config")),
@@ -63,6 +64,8 @@ flags.DEFINE_string("dataset", None, "TFDS name/config: prepare's and benchmark'
 flags.DEFINE_string("root", None, "prepare: the raw data root (frames/, audio/, ...)")
 flags.DEFINE_string("data_dir", None, "prepare: where TFDS datasets live (default: config's)")
 flags.DEFINE_bool("overwrite", False, "prepare: rebuild a dataset that is already prepared")
+flags.DEFINE_bool("verify", False, "prepare: check the prepared dataset against its manifest "
+                  "(record counts, each shard's size and sha256) instead of building it")
 flags.DEFINE_string("ids", None, "evaluate: a file of clip ids (one a line): score that subset "
                     "of each test set (named in every result)")
 flags.DEFINE_string("video", None, "localize: a video file")
@@ -144,8 +147,11 @@ def _dispatch(command: str, args: list[str]) -> None:
         from sslocal.data import prepare
 
         data_dir = FLAGS.data_dir or (_CONFIG.value.data_dir if _CONFIG.value else None)
-        prepare.prepare(_require("dataset"), root=FLAGS.root, data_dir=data_dir,
-                        overwrite=FLAGS.overwrite)
+        if FLAGS.verify:
+            prepare.verify(_require("dataset"), data_dir=data_dir)
+        else:
+            prepare.prepare(_require("dataset"), root=FLAGS.root, data_dir=data_dir,
+                            overwrite=FLAGS.overwrite)
     elif command == "localize":
         from sslocal import localize
 
@@ -227,8 +233,9 @@ def run(argv: list[str] | None = None) -> None:
         logging.getLogger("sslocal").setLevel(logging.INFO)
         try:
             _dispatch(command, args[1:])
-        except (UserError, ValueError, FileNotFoundError, IsADirectoryError,
-                FloatingPointError, ImportError) as error:
+        # OSError: a missing file, a full disk (checkpointing.CheckpointSpaceError), a workdir
+        # another run holds (checkpointing.WorkdirBusyError), a permission.
+        except (UserError, ValueError, OSError, FloatingPointError, ImportError) as error:
             if os.environ.get("SSLOCAL_DEBUG"):
                 raise
             print(f"sslocal {command}: error: {error}", file=sys.stderr)

@@ -202,6 +202,8 @@ def resume_changes(workdir: str | os.PathLike, config: ml_collections.ConfigDict
     workdir = as_path(workdir)
     step = checkpointing.latest_saved_step(workdir)
     record = workdir / checkpointing.CONFIG_JSON
+    if step is None:  # a run whose checkpoints were all found damaged is not started again
+        checkpointing.refuse_fresh_start(workdir)
     if step is None or not record.is_file():
         return None
     run = _flat(json.loads(record.read_text()))
@@ -258,9 +260,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     fails first, in one line). Returns the last evaluation's metrics (and the best's, if
     evaluation ran). Caps glibc's malloc arenas for this process first (see host_memory), so
     that a long run's host memory stays flat.
+
+    The run holds the workdir's lock throughout (checkpointing.hold_workdir): a second run on
+    a workdir that a live process trains in fails at once (WorkdirBusyError). A resume falls
+    back past damaged checkpoints, saying which (checkpointing.Checkpointer.restore).
     """
     check_paths(workdir, config.data_dir, config.model.image_pretrained,
                 config.eval.ogl_weights)
+    with checkpointing.hold_workdir(workdir):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                        ) -> dict[str, Any]:
     host_memory.limit_malloc_arenas()  # before the threads (XLA, Grain, Orbax) that use them
     workdir = as_path(workdir)
     mesh = sharding.make_mesh()

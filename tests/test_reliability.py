@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,10 +36,12 @@ SR = 16000
 # checkpoints every 3 steps and at epoch ends) with hooks that stop it at a known point:
 # before a given step (it writes --marker and waits for MARKER.go), or inside the Orbax save of a
 # given step (after the temporary directory is written, before it is renamed); --nan_index gives
-# one training record a NaN spectrogram. It dumps the final in-memory train state (params, batch
-# stats, optimizer state, step) to final.npz.
+# one training record a NaN spectrogram; --enospc_in_save makes the save of a step fail as a full
+# disk does (the data item's write raises ENOSPC). It dumps the final in-memory train state
+# (params, batch stats, optimizer state, step) to final.npz. With --cli the same run goes
+# through the `sslocal train` command (its one-line errors and exit status), hooks included.
 TRAIN_SCRIPT = r'''
-import argparse, logging, time
+import argparse, errno, logging, os, sys, time
 from pathlib import Path
 
 import grain
@@ -76,6 +79,8 @@ def main():
     p.add_argument("--marker", default="")
     p.add_argument("--num_epochs", type=int, default=2)
     p.add_argument("--nan_index", type=int, default=-1)
+    p.add_argument("--enospc_in_save", type=int, default=0)
+    p.add_argument("--cli", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         force=True)  # absl put its own handler on the root logger
@@ -113,6 +118,8 @@ def main():
     grain_save = grain.checkpoint.CheckpointHandler.save
 
     def grain_handler_save(self, directory, *a, **k):
+        if saving[0] == args.enospc_in_save:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
         grain_save(self, directory, *a, **k)
         if saving[0] == args.pause_in_save:
             pause()
@@ -129,6 +136,15 @@ def main():
     if args.nan_index >= 0:
         prepare.load_split = load_nan_split
 
+    if args.cli:
+        from sslocal import cli
+
+        # ml_collections reads the --config.FIELD overrides from sys.argv itself.
+        sys.argv = ["sslocal", "train", "--config=configs/tiny.py", f"--workdir={args.workdir}",
+                    "--config.test_datasets=()", f"--config.data_dir={args.data_dir}",
+                    f"--config.num_epochs={args.num_epochs}", "--config.log_every_steps=100",
+                    "--config.checkpoint_every_steps=3"]
+        cli.run()
     c = tiny.get_config()
     c.test_datasets = ()
     c.data_dir = args.data_dir
@@ -240,10 +256,17 @@ def _final_state(workdir: Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def _array_file(step_dir: Path) -> Path:
+    """The largest file of a step's arrays (OCDBT data): the parameters and Adam moments."""
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+
+
 @pytest.mark.slow
 def test_preemption_kill_and_kill_during_save_resume_bitwise(tiny_data, train_script, tmp_path):
-    """One workdir goes through SIGTERM, SIGKILL mid-epoch and SIGKILL mid-save, and still ends
-    with exactly the train state of an uninterrupted run of the same 16 steps."""
+    """One workdir goes through SIGTERM, SIGKILL mid-epoch, SIGKILL mid-save, a second run
+    launched on it, a full disk during a save and a truncated checkpoint, and still ends with
+    exactly the train state of an uninterrupted run of the same 16 steps."""
     script, env = train_script
     runs = []
 
@@ -259,6 +282,23 @@ def test_preemption_kill_and_kill_during_save_resume_bitwise(tiny_data, train_sc
     # and the process exits cleanly.
     first = run("interrupted", "--pause_before_step=5")
     first.wait_paused()
+    # A second `sslocal train` on the workdir the first one trains in: refused at once, in one
+    # line naming the first (the first is checked below: its run ends bitwise as expected).
+    lock = work / checkpointing.LOCK_FILE
+    assert f"pid {first.proc.pid} " in lock.read_text()
+    started = time.monotonic()
+    second_run = subprocess.run(
+        [sys.executable, "-m", "sslocal", "train", "--config=configs/tiny.py",
+         f"--workdir={work}", f"--config.data_dir={tiny_data}"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert second_run.returncode == 1, second_run.stderr[-3000:]
+    refused = [line for line in second_run.stderr.splitlines() if "error" in line]
+    assert len(refused) == 1 and "Traceback" not in second_run.stderr, second_run.stderr[-3000:]
+    assert refused[0].startswith(f"sslocal train: error: {work} is in use by another training "
+                                 f"run (pid {first.proc.pid} on {socket.gethostname()} since ")
+    assert refused[0].endswith(f"; it holds {lock}): wait for it to end, or give another "
+                               f"--workdir"), refused[0]
+    assert time.monotonic() - started < 60  # before any data, model or compilation
     first.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)  # the handler runs in the main thread, inside the hook's sleep
     first.resume()
@@ -280,17 +320,47 @@ def test_preemption_kill_and_kill_during_save_resume_bitwise(tiny_data, train_sc
     assert max(_steps(work)) == 9
 
     # SIGKILL inside the save of step 12: its temporary directory is there, never completed.
+    # The killed run held the lock: the kernel released it, and the next run takes it.
     third = run("interrupted", "--pause_in_save=12")
     third.wait_paused()
+    assert f"pid {third.proc.pid} " in lock.read_text()
     third.sigkill()
     assert f"resumed from {work} at step 9" in third.output()
     assert max(_steps(work)) == 9
     assert any(name.startswith("12.") for name in _partial(work)), _partial(work)
 
-    # Restart: the previous complete checkpoint (9) restores, and the run ends bitwise equal.
+    # The disk fills during the save of step 12 (through `sslocal train`): one line naming the
+    # folder and the space needed, exit 1; step 9 stays the latest and intact.
+    full = run("interrupted", "--enospc_in_save=12", "--cli")
+    assert full.finish() == 1, full.output()[-4000:]
+    errors = [line for line in full.output().splitlines() if line.startswith("sslocal train:")]
+    assert len(errors) == 1 and "Traceback" not in full.output(), full.output()[-4000:]
+    assert re.fullmatch(
+        rf"sslocal train: error: no space left on the device to save the checkpoint of step 12 "
+        rf"in {re.escape(str(work / 'checkpoints'))}: it needs about [0-9.,]+ (KiB|MiB) \(the "
+        rf"train state's size\), [0-9.,]+ (KiB|MiB|GiB) free\. Training stopped; the checkpoint "
+        rf"of step 9 is intact and the same command resumes from it once there is room",
+        errors[0]), errors[0]
+    assert max(_steps(work)) == 9  # the half-written 12 is not a checkpoint
+    assert checkpointing.latest_saved_step(work) == 9
+    assert checkpointing.check_step(work / "checkpoints" / "9") == (True, None)
+
+    # Step 9 is then damaged on disk (its array file cut short). The restart names it, moves it
+    # aside, falls back to step 8 and ends bitwise equal to the run that never stopped.
+    array_file = _array_file(work / "checkpoints" / "9")
+    array_file.write_bytes(array_file.read_bytes()[:array_file.stat().st_size // 2])
     last = run("interrupted")
     assert last.finish() == 0, last.output()[-4000:]
-    assert f"resumed from {work} at step 9" in last.output()
+    output = last.output()
+    rel = array_file.relative_to(work / "checkpoints" / "9")
+    assert re.search(rf"the checkpoint of step 9 in {re.escape(str(work / 'checkpoints'))} is "
+                     rf"damaged \({re.escape(str(rel))} is [0-9,]+ bytes, [0-9,]+ when saved\): "
+                     rf"not resumed from; moved to {re.escape(str(work / 'damaged_checkpoints'))}"
+                     rf"/9", output), output[-4000:]
+    assert "resuming from the checkpoint of step 8, the newest that restores" in output
+    assert f"resumed from {work} at step 8" in output
+    record = json.loads((work / "damaged_checkpoints" / "damaged.jsonl").read_text())
+    assert record["step"] == 9 and str(rel) in record["problem"]
     assert _partial(work) == []  # the half-written step 12 was cleaned up
     assert max(_steps(work)) == 16
     final = _final_state(work)

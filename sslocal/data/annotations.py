@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sslocal.metrics import normalized_to_pixels
+from sslocal.writers import as_path
 
 Box = tuple[int, int, int, int]
 
@@ -68,10 +69,14 @@ def _read_vggss_entries(json_path: str | os.PathLike | None) -> tuple[Path, list
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot parse VGG-SS annotations {path}: {e}") from e
+    except RecursionError as e:  # nested deeper than the parser's stack
+        raise ValueError(f"cannot parse VGG-SS annotations {path}: nested too deeply") from e
     if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and "file" in e and "bbox" in e for e in entries
+        isinstance(e, dict) and isinstance(e.get("file"), str) and "bbox" in e
+        and isinstance(e.get("class", ""), str) for e in entries
     ):
-        raise ValueError(f"{path}: expected a list of {{'file', 'bbox', ...}} objects")
+        raise ValueError(f"{path}: expected a list of {{'file': clip id, 'bbox', 'class': name, "
+                         "...}} objects")
     return path, entries
 
 
@@ -85,7 +90,10 @@ def load_vggss(json_path: str | os.PathLike | None = None) -> dict[str, list[Box
     path, entries = _read_vggss_entries(json_path)
     out = {}
     for entry in entries:
-        raw = np.asarray(entry["bbox"], dtype=np.float64)
+        try:
+            raw = np.asarray(entry["bbox"], dtype=np.float64)
+        except (TypeError, ValueError) as e:  # not numbers, or ragged
+            raise ValueError(f"{path}: bad boxes for {entry['file']}: {entry['bbox']}") from e
         if raw.size == 0:
             out[entry["file"]] = []
             continue
@@ -133,10 +141,18 @@ def load_flickr_xml(path: str | os.PathLike) -> list[Box]:
                 ints = [int((v or "").strip()) for v in values]
             except ValueError as e:
                 raise ValueError(f"{path}: non-integer bbox coordinate in {values}") from e
-            boxes.append(tuple(int(224 * v / 256) for v in ints))
+            boxes.append(tuple(_flickr_to_224(v) for v in ints))
     if not boxes:
         raise ValueError(f"{path}: no bbox elements found")
     return boxes
+
+
+def _flickr_to_224(v: int) -> int:
+    """int(224 * v / 256) (protocol 6) in integer arithmetic: the same number wherever that
+    float is exact (|v| < 2**50, far past any box), and no OverflowError for a coordinate of
+    hundreds of digits (a damaged file), which the 224-px clip of the box then bounds."""
+    eighths = abs(7 * v) // 8
+    return eighths if v >= 0 else -eighths
 
 
 def _split_path(name: str) -> Path:
@@ -145,9 +161,26 @@ def _split_path(name: str) -> Path:
     return metadata_dir() / SPLIT_FILES[name]
 
 
-def _rows(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [row for row in csv.reader(f) if row and row[0].strip()]
+def _rows(path: str | os.PathLike) -> list[list[str]]:
+    """The CSV rows of a list file whose first field is not blank (a txt is a one-column CSV).
+    FileNotFoundError, or ValueError for a file that is not UTF-8 text or not CSV."""
+    path = as_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return [row for row in csv.reader(text.splitlines()) if row and row[0].strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a list of ids, one a line ({e})") from e
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Clip ids of a list file (a local path or a gs:// URL), in file order: one a line, or a
+    CSV's first column; lines whose first field is blank are skipped. FileNotFoundError, or
+    ValueError for a file that is not UTF-8 text or not CSV."""
+    return [row[0].strip() for row in _rows(path)]
 
 
 def read_split(name: str) -> list[str]:
@@ -155,7 +188,7 @@ def read_split(name: str) -> list[str]:
     path = _split_path(name)
     if name.endswith("_plus_silent"):
         return [video for video, _, _ in read_plus_silent(name)]
-    return [row[0].strip() for row in _rows(path)]
+    return read_list(path)
 
 
 def read_plus_silent(name: str) -> list[tuple[str, str, str]]:

@@ -8,12 +8,20 @@ found, missing (which file), unreadable (the error) and written, per split.
 DIR may be a gs:// bucket (with the `gcs` extra): TFDS writes its metadata through epath, the
 ArrayRecord files are written locally and uploaded (ArrayRecord's writer opens local files
 only), and the Grain loader reads them in place through ArrayRecord's own GCS reader.
+
+The manifest also records each shard's file, record count, size and sha256 (read back once
+written), which `sslocal prepare --verify` checks. A split opened here (load_split) turns a
+read of a damaged or missing shard into one DamagedDatasetError naming the file and how to
+prepare the dataset again, never a record of garbage (ArrayRecord checks each chunk's hash).
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
+import itertools
+import json
 import os
 import signal
 import threading
@@ -21,9 +29,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 
-from sslocal.data import builders
+from sslocal.data import annotations, builders
 from sslocal.writers import absolute, as_path
+
+
+class DamagedDatasetError(ValueError):
+    """A prepared dataset's file is missing or does not read back as it was written."""
 
 
 def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = None,
@@ -65,8 +78,120 @@ def prepare(dataset: str = "vggsound/144k", root: str | os.PathLike | None = Non
     with _sigterm_stops_the_build():
         manifest = builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(download_mode=mode))
+        manifest = _record_shards(builder, manifest)
     _print_summary(dataset, builder, manifest)
     return manifest
+
+
+def _sha256(path: epath.Path) -> tuple[int, str]:
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256")
+        return f.tell(), digest.hexdigest()
+
+
+def _record_shards(builder: builders.AVBuilder, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Adds "shards" to each split of the manifest just written: [{"file", "records", "bytes",
+    "sha256"}] of its ArrayRecord files, read back from where they now are; rewrites it."""
+    for split, info in builder.info.splits.items():
+        entry = manifest.setdefault("splits", {}).setdefault(split, {})
+        entry["shards"] = []
+        for path, records in zip(info.filepaths, info.shard_lengths, strict=True):
+            size, digest = _sha256(epath.Path(path))
+            entry["shards"].append({"file": epath.Path(path).name, "records": int(records),
+                                    "bytes": size, "sha256": digest})
+    (epath.Path(builder.data_path) / builders.base.MANIFEST).write_text(
+        json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _again(dataset: str, builder: builders.AVBuilder, manifest: dict[str, Any]) -> str:
+    """The command that prepares the dataset again where it is."""
+    root = manifest.get("root")
+    root = f" --root {root}" if root and builder.NEEDS_ROOT else " --root ROOT" * builder.NEEDS_ROOT
+    return (f"sslocal prepare --dataset {dataset}{root} --data_dir {_root_data_dir(builder)} "
+            "--overwrite")
+
+
+def _root_data_dir(builder: builders.AVBuilder) -> epath.Path:
+    """The --data_dir a builder was made for: data_path is DATA_DIR/name/config/version."""
+    return epath.Path(builder.data_path).parents[2]
+
+
+def verify(dataset: str, data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """`sslocal prepare --verify`: checks a prepared dataset against what was recorded when it
+    was written. Per split: the record count of dataset_info.json against the manifest's, and
+    per shard that the file is there, holds its recorded number of records, and has the
+    recorded size and sha256 (a dataset prepared before sha256s were recorded: every record is
+    read instead, which ArrayRecord's chunk hashes check). Prints a line per split; returns
+    {split: {"records", "shards", "sha256_checked"}}; DamagedDatasetError, naming every bad file
+    and the command that prepares the dataset again, when anything differs.
+    """
+    builders.parse_dataset(dataset)
+    data_dir = _data_dir(data_dir)
+    builder = builders.get_builder(dataset, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise FileNotFoundError(f"{dataset} is not prepared in {builder.data_dir}: nothing to "
+                                "verify")
+    path = epath.Path(builder.data_path) / builders.base.MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # missing, or not JSON (damaged)
+        raise DamagedDatasetError(f"{dataset}: its manifest {path} does not read ({error}); "
+                                  f"prepare it again: {_again(dataset, builder, {})}") from error
+    problems, report = [], {}
+    for split, info in builder.info.splits.items():
+        entry = manifest.get("splits", {}).get(split, {})
+        if entry.get("written") not in (None, info.num_examples):
+            problems.append(f"{split}: dataset_info.json has {info.num_examples} records, the "
+                            f"manifest {entry['written']}")
+        recorded = {s["file"]: s for s in entry.get("shards", [])}
+        for file, records in zip(info.filepaths, info.shard_lengths, strict=True):
+            file = epath.Path(file)
+            problems += _shard_problems(file, int(records), recorded.get(file.name))
+        report[split] = {"records": info.num_examples, "shards": len(info.filepaths),
+                         "sha256_checked": bool(recorded)}
+        how = ("sizes and sha256s as recorded" if recorded
+               else "no sha256s recorded (prepared before they were): every record read")
+        print(f"{dataset} {split}: {info.num_examples} records in {len(info.filepaths)} "
+              f"shard(s); {how}")
+    if problems:
+        raise DamagedDatasetError(
+            f"{dataset} in {builder.data_path} is damaged: {'; '.join(problems)}. Prepare it "
+            f"again: {_again(dataset, builder, manifest)}")
+    print(f"{dataset}: verified, {builder.data_path} is as it was written")
+    return report
+
+
+def _shard_problems(file: epath.Path, records: int, recorded: dict | None) -> list[str]:
+    """What is wrong with one shard (nothing: [])."""
+    from array_record.python import array_record_module
+
+    if not file.exists():
+        return [f"{file.name} is missing"]
+    if recorded is not None:
+        size, digest = _sha256(file)
+        if size != recorded["bytes"]:
+            return [f"{file.name} is {size:,} bytes, {recorded['bytes']:,} when written"]
+        if digest != recorded["sha256"]:
+            return [f"{file.name} has other bytes than when written (sha256 differs)"]
+    try:
+        reader = array_record_module.ArrayRecordReader(os.fspath(file))
+        try:
+            found = reader.num_records()
+            if recorded is None:  # no sha256 to compare: read every record
+                for start in range(0, found, 256):
+                    reader.read(list(range(start, min(start + 256, found))))
+        finally:
+            reader.close()
+    except RuntimeError as error:
+        return [f"{file.name} does not read ({_one_line(error)})"]
+    if found != records:
+        return [f"{file.name} holds {found} records, {records} when written"]
+    return []
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> str | None:
@@ -123,7 +248,52 @@ def load_split(dataset: str, split: str, data_dir: str | os.PathLike | None = No
     sources = builder.as_data_source()
     if split not in sources:
         raise ValueError(f"{dataset} has no split {split!r}; it has {sorted(sources)}")
-    return sources[split]
+    try:
+        manifest = builder.manifest()
+    except ValueError:  # damaged: the records may still be fine (--verify says)
+        manifest = {}
+    return PreparedSplit(sources[split], dataset, split, _again(dataset, builder, manifest),
+                         f"sslocal prepare --dataset {dataset} --data_dir "
+                         f"{_root_data_dir(builder)} --verify")
+
+
+# ArrayRecord's (Riegeli's) words for a shard that is missing, cut short or changed; a read that
+# fails otherwise (a network error reading a bucket) is raised as it is.
+_DAMAGE = ("Riegeli", "ArrayRecord file", "No such file or directory")
+
+
+class PreparedSplit:
+    """A prepared split as load_split returns it: the tfds ArrayRecordDataSource (len(), [i],
+    dataset_info), whose reads of a damaged or missing shard raise DamagedDatasetError naming
+    the file, the dataset and the command that prepares it again, in one line."""
+
+    def __init__(self, source: Any, dataset: str, split: str, prepare_command: str,
+                 verify_command: str):
+        from tensorflow_datasets.core.data_sources import base as sources_base
+
+        self.source, self.dataset, self.split = source, dataset, split
+        self.prepare_command, self.verify_command = prepare_command, verify_command
+        self.dataset_info = source.dataset_info
+        files = sources_base.file_instructions(source.dataset_info, split)
+        self._files = [f.filename for f in files]
+        self._ends = list(itertools.accumulate(f.take for f in files))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.source[index]
+        except RuntimeError as error:
+            if not any(word in str(error) for word in _DAMAGE):
+                raise
+            shard = self._files[min(bisect.bisect_right(self._ends, int(index)),
+                                    len(self._files) - 1)]
+            raise DamagedDatasetError(
+                f"{shard}: record {index} of {self.dataset} {self.split} does not read "
+                f"({_one_line(error)}): the prepared dataset is damaged, prepare it again: "
+                f"{self.prepare_command} (or list every damaged file: {self.verify_command})"
+            ) from error
 
 
 def gt_format(dataset: str) -> str:
@@ -163,8 +333,7 @@ def restrict_to_ids(source: Any, ids_file: str | os.PathLike, dataset: str
     if not path.is_file():
         raise FileNotFoundError(f"test id list not found: {path}")
     raw = path.read_bytes()
-    listed = [line.split(",")[0].strip() for line in raw.decode("utf-8").splitlines()]
-    listed = list(dict.fromkeys(i for i in listed if i))  # order kept, duplicates once
+    listed = list(dict.fromkeys(annotations.read_list(path)))  # order kept, duplicates once
     from sslocal.data.pipeline import record_id
 
     position = {record_id(source[i]): i for i in range(len(source))}

@@ -36,16 +36,23 @@ def _open(path: Path):
 def _decode_audio(container, path: Path) -> tuple[np.ndarray, int, float]:
     """All audio of the first audio stream -> ((channels, n) float32, rate, start seconds)."""
     stream = container.streams.audio[0]
-    resampler = av.AudioResampler(format="fltp")  # any sample format -> planar float
+    # Any sample format -> packed (interleaved) float, one plane: PyAV 18 lists a planar frame
+    # of 8 or more channels with planes past its last one, and to_ndarray read them (a
+    # segfault the fuzzer found, benchmarks/fuzz_inputs.py).
+    resampler = av.AudioResampler(format="flt")
     chunks, start = [], None
+
+    def channels_first(out) -> np.ndarray:
+        return out.to_ndarray().reshape(-1, len(out.layout.channels)).T
+
     try:
         for frame in container.decode(stream):
             if start is None and frame.time is not None:
                 start = frame.time
             for out in resampler.resample(frame):
-                chunks.append(out.to_ndarray())
+                chunks.append(channels_first(out))
         for out in resampler.resample(None):
-            chunks.append(out.to_ndarray())
+            chunks.append(channels_first(out))
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot decode the audio of {path}: {e}") from e
     if not chunks:
