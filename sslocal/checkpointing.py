@@ -140,8 +140,14 @@ def use_whole_array_saves_on_cpu() -> None:
         return
     _array_handler_set = True
     if jax.default_backend() == "cpu":
+        # The same handler as Orbax's default but for that switch (its array metadata store
+        # included: without it the per-array metadata files are not written).
+        default = ocp.type_handlers.get_type_handler(jax.Array)
         ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+            jax.Array, ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=False,
+                array_metadata_store=getattr(default, "_array_metadata_store", None)),
+            override=True)
 
 
 _repaired = False
