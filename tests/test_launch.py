@@ -415,11 +415,21 @@ def test_tpu_vm_queue_timeout_deletes_the_queued_resource(cloud):
     assert cloud.steps() == ["bucket check", "data check", "create", "describe", "delete"]
 
 
+def _interruptible() -> None:
+    """SIGINT as a terminal's foreground job has it: neither ignored nor blocked. Both are
+    inherited across exec, and a bash that starts with SIGINT ignored cannot trap it: a suite
+    started in the background of a shell without job control inherits it ignored, and a
+    library thread of an earlier test in the same worker may leave it blocked (seen: both
+    Ctrl-C tests failed only inside the full suite, never alone)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_tpu_vm_ctrl_c_while_queued_deletes_the_queued_resource(cloud):
     proc = subprocess.Popen(
         ["bash", str(TPU_VM), "configs/synthetic.py", "runs/demo"],
         env=cloud.env(FAKE_STATES="ACCEPTED", QUEUE_TIMEOUT="600"), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_interruptible)
     deadline = time.monotonic() + 30
     while cloud.count("describe") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -434,7 +444,7 @@ def test_tpu_vm_ctrl_c_while_training_keeps_the_slice_and_training_goes_on(cloud
     proc = subprocess.Popen(
         ["bash", str(TPU_VM), "configs/synthetic.py", "runs/demo"],
         env=cloud.env(FAKE_TRAIN_SECONDS="3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
+        text=True, start_new_session=True, preexec_fn=_interruptible)
     deadline = time.monotonic() + 30
     while "wait" not in cloud.steps() and time.monotonic() < deadline:
         time.sleep(0.05)
