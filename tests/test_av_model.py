@@ -14,13 +14,8 @@ from tests.test_resnet import count_params
 WIDTH, DIM = 8, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile time dominates these tiny models; restore the setting for other test files."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Compile time dominates these tiny models (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

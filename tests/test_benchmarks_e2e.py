@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import scipy.signal
@@ -83,13 +82,8 @@ def _video(scene, cats, seed):
     return [_frame(scene)] * 5, masks, _sound(cats[scene["category"]], 5.0, seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile time dominates a tiny model's few maps; restored for other test files."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Compile time dominates these tiny models (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _sslocal(*args, log=None):

@@ -40,13 +40,8 @@ N = 2  # samples per map comparison
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-    """Compile time dominates these tiny models; restore the setting for other test files."""
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Compile time dominates these tiny models (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ------------------------------------------------------------ the repositories' modules
