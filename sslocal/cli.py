@@ -22,8 +22,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               ("config", "workdir", "coordinator_address", "num_processes", "process_id")),
     "evaluate": ("sslocal evaluate --config FILE --checkpoint PATH [--checkpoint PATH ...]",
                  "score workdirs, model directories or PyTorch files on the config's test sets",
-                 ("config", "checkpoint", "dataset", "ids", "ogl", "report", "baselines",
-                  "out")),
+                 ("config", "checkpoint", "which", "dataset", "ids", "ogl", "report",
+                  "baselines", "out")),
     "prepare": ("sslocal prepare --dataset NAME/CONFIG --root DIR [--data_dir DIR] [--verify]",
                 "build a dataset's ArrayRecord files once, with a manifest of what was missing; "
                 "--verify checks a prepared one against its manifest",
@@ -54,6 +54,8 @@ flags.DEFINE_integer("num_processes", 0, "multi-host GPU: number of processes")
 flags.DEFINE_integer("process_id", -1, "multi-host GPU: this process's index")
 flags.DEFINE_multi_string("checkpoint", [], "evaluate/localize: a workdir or a model directory "
                           "(repeat to compare several models side by side)")
+flags.DEFINE_enum("which", "best", ["best", "latest"], "evaluate: in a training workdir, "
+                  "its best checkpoint (by cIoU) or its latest (the last epoch)")
 flags.DEFINE_bool("ogl", False, "evaluate/localize: also the object-guided (OGL) maps")
 flags.DEFINE_bool("report", False, "evaluate: write report.html with plots and overlays")
 flags.DEFINE_bool("baselines", False, "evaluate: also centre / random / oracle maps and the "
@@ -142,7 +144,7 @@ def _dispatch(command: str, args: list[str]) -> None:
 
         evaluate.main(_config(), _require("checkpoint"), ogl=FLAGS.ogl, report=FLAGS.report,
                       out=FLAGS.out, dataset=FLAGS.dataset, baselines=FLAGS.baselines,
-                      ids=FLAGS.ids)
+                      ids=FLAGS.ids, which=FLAGS.which)
     elif command == "prepare":
         from sslocal.data import prepare
 

@@ -233,12 +233,14 @@ def evaluate_models(evaluator: Evaluator, models: Iterable[tuple[str, LoadedMode
 
 def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool = False,
          report: bool = False, out: str | None = None, dataset: str | None = None,
-         baselines: bool = False, ids: str | None = None) -> dict:
+         baselines: bool = False, ids: str | None = None, which: str = "best") -> dict:
     """`sslocal evaluate`: every checkpoint (workdir, model directory or PyTorch file) on every
     test set of the config (or of `dataset`: one name or several, comma-separated: "is3/test,
     avsbench/s4"), at the frame size each model was trained at. `ids`
     (or config.eval.ids_file): a list file restricting the test sets to its clips (a named
-    test subset, recorded in every result; the ids a set lacks are printed and recorded)."""
+    test subset, recorded in every result; the ids a set lacks are printed and recorded).
+    `which`: in a training workdir, its best checkpoint (by the first test set's cIoU, as the
+    peers select it) or its "latest" (the last epoch); each result names the one it scored."""
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
     check_paths(*checkpoints, out, ids, config.data_dir)  # a missing `gcs` extra: one line, first
@@ -260,7 +262,7 @@ def main(config: ml_collections.ConfigDict, checkpoints: list[str], *, ogl: bool
     for checkpoint in checkpoints:  # a missing path fails before any model loads
         if not as_path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    models = ((label, load.load_model(checkpoint, mesh=mesh))
+    models = ((label, load.load_model(checkpoint, mesh=mesh, which=which))
               for checkpoint, label in zip(checkpoints, model_labels(checkpoints), strict=True))
     return evaluate_models(evaluator, models, sources, out or default_out(checkpoints[0]),
                            report=report, baselines=baselines, subsets=subsets)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from sslocal import train
+from sslocal import evaluate, train
 from sslocal.models import load
 
 
@@ -69,6 +69,16 @@ def test_train_evaluate_write_and_resume(data_dir, tmp_path, monkeypatch):
     assert summary["N"] == 16 and 0 <= summary["cIoU"] <= 1 and 0 <= summary["AUC"] <= 1
     assert json.loads((straight / "final_metrics.json").read_text()) == json.loads(
         json.dumps(results))
+
+    # `sslocal evaluate --which latest` scores the last step, and gives what training's own
+    # evaluation of that step gave; the default is the best checkpoint, named as such.
+    for which, folder in (("latest", "checkpoints/6"), ("best", "best/")):
+        scored = evaluate.main(config, [str(straight)], which=which,
+                               out=str(tmp_path / which))["straight / synthetic_av/tiny"]
+        assert folder in scored["checkpoint"], (which, scored["checkpoint"])
+        if which == "latest":
+            assert scored["cIoU"] == evals[-1]["eval/synthetic_av/tiny/cIoU"]
+            assert scored["AUC"] == pytest.approx(evals[-1]["eval/synthetic_av/tiny/AUC"])
 
     # 3 steps, then a second run in the same workdir continues from step 3 to step 6: the same
     # parameters bit for bit as the uninterrupted run (same data position, optimizer, BN stats).
