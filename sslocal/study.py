@@ -12,8 +12,11 @@ paired: under one seed every margin starts from the same initial weights and see
 batches in the same order (both come from `config.seed` alone), so a difference between two
 margins under one seed is the margin's. Reported per margin: the mean and standard deviation
 over seeds, and the paired difference from the reference margin (0) with a 95% bootstrap
-interval over seeds and test samples (`paired_differences`). A finished run is not trained
-again, so an interrupted study continues where it stopped.
+interval over seeds and test samples (`paired_differences`). Once a workdir holds both the
+noisy and the clean study, noise_effect.json says whether a margin helps more under noise: its
+difference from margin 0 on the noisy scenes minus that on the clean ones, with an interval
+(`noise_effect`). A finished run is not trained again, so an interrupted study continues where
+it stopped (and a rerun recomputes the tables from the finished runs).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from sslocal import metrics, train
 from sslocal.writers import as_path
 
 STUDY_DATASET = "synthetic_av/noisy"
+CLEAN_DATASET = "synthetic_av/small"  # the same scenes without the noise: the comparison
 REFERENCE_MARGIN = 0.0  # the paired differences are taken from InfoNCE's margin
 STUDY_METRICS = ("cIoU", "AUC")  # cIoU@0.5 and the area under the success curve
 LAST_EPOCH = "last_epoch_cious.json"  # a run's per-sample cIoU at its last step
+NOISE_EFFECT = "noise_effect.json"  # the noisy study's differences minus the clean one's
 
 
 def _run_config(config: ml_collections.ConfigDict, margin: float, seed: int,
@@ -66,13 +71,61 @@ def paired_differences(cious: dict[str, list[np.ndarray]], reference: str, *,
     spread and the finite test set; with few seeds it is wide, as it should be. `draws` =
     (seed indices (R, S), sample indices (R, N)) replaces the random draws (for tests).
     """
-    ref = np.stack(cious[reference]).astype(np.float64)
-    num_seeds, n = ref.shape
+    num_seeds, n = np.stack(cious[reference]).shape
     if draws is None:
         rng = np.random.default_rng(seed)
         draws = (rng.integers(0, num_seeds, (num_resamples, num_seeds)),
                  rng.integers(0, n, (num_resamples, n)))
     seed_draws, sample_draws = draws
+    table = {}
+    for margin, per_key in _replicated_differences(cious, reference, sample_draws).items():
+        table[margin] = {key: _estimate(per_seed, replicates, seed_draws, level)
+                         for key, (per_seed, replicates) in per_key.items()}
+    return table
+
+
+def noise_effect(noisy: dict[str, list[np.ndarray]], clean: dict[str, list[np.ndarray]],
+                 reference: str, *, num_resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0, draws: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                 ) -> dict[str, dict]:
+    """Does a margin help more under noise? Per margin studied on both datasets: its paired
+    difference from `reference` on the noisy study minus the same on the clean one (a
+    difference of differences, > 0: the margin gains more, or loses less, under noise), with a
+    percentile bootstrap interval.
+
+    The two studies are scored on different test sets (the noisy one keeps its frequent
+    categories), so each is resampled by its own draw of test samples; the seeds, paired across
+    the studies (seed s starts from the same weights in both), share one draw. `draws` = (seed
+    indices (R, S), noisy sample indices (R, N1), clean sample indices (R, N2)) replaces the
+    random draws (for tests)."""
+    num_seeds = len(noisy[reference])
+    if len(clean[reference]) != num_seeds:
+        raise ValueError(f"the noisy study has {num_seeds} seeds, the clean one "
+                         f"{len(clean[reference])}: the seeds are paired across them")
+    if draws is None:
+        rng = np.random.default_rng(seed)
+        draws = (rng.integers(0, num_seeds, (num_resamples, num_seeds)),
+                 *(rng.integers(0, len(c[reference][0]), (num_resamples, len(c[reference][0])))
+                   for c in (noisy, clean)))
+    seed_draws, noisy_draws, clean_draws = draws
+    common = [m for m in noisy if m in clean and m != reference]
+    under_noise = _replicated_differences({m: noisy[m] for m in [reference, *common]},
+                                          reference, noisy_draws)
+    on_clean = _replicated_differences({m: clean[m] for m in [reference, *common]}, reference,
+                                       clean_draws)
+    return {margin: {key: _estimate(under_noise[margin][key][0] - on_clean[margin][key][0],
+                                    under_noise[margin][key][1] - on_clean[margin][key][1],
+                                    seed_draws, level)
+                     for key in STUDY_METRICS} for margin in common}
+
+
+def _replicated_differences(cious: dict[str, list[np.ndarray]], reference: str,
+                            sample_draws: np.ndarray) -> dict[str, dict[str, tuple]]:
+    """{margin: {metric: (per seed (S,), per replicate and seed (R, S))}}: metric(margin) -
+    metric(reference) on the test set, and on each replicate's draw of test samples (the same
+    draw for both margins and every seed)."""
+    ref = np.stack(cious[reference]).astype(np.float64)
+    num_seeds, n = ref.shape
     rows = np.repeat(np.arange(len(sample_draws)), sample_draws.shape[1])
     weights = np.zeros((len(sample_draws), n))
     np.add.at(weights, (rows, sample_draws.reshape(-1)), 1.0 / sample_draws.shape[1])
@@ -90,24 +143,26 @@ def paired_differences(cious: dict[str, list[np.ndarray]], reference: str, *,
         return out[0], out[1]
 
     ref_point, ref_reps = scores(ref)
-    quantiles = ((1 - level) / 2, (1 + level) / 2)
-    table = {}
+    out = {}
     for margin, runs in cious.items():
         c = np.stack(runs).astype(np.float64)
         if c.shape != ref.shape:
             raise ValueError(f"margin {margin}: {c.shape[0]} seeds x {c.shape[1]} samples, "
                              f"the reference {reference} has {num_seeds} x {n}")
         point, reps = scores(c)
-        table[margin] = {}
-        for key in STUDY_METRICS:
-            per_seed = point[key] - ref_point[key]
-            diff = reps[key] - ref_reps[key]  # (R, S)
-            boot = np.take_along_axis(diff, seed_draws, axis=1).mean(axis=1)
-            low, high = np.quantile(boot, quantiles)
-            table[margin][key] = {"difference": float(per_seed.mean()),
-                                  "per_seed": per_seed.tolist(),
-                                  "interval": [float(low), float(high)]}
-    return table
+        out[margin] = {key: (point[key] - ref_point[key], reps[key] - ref_reps[key])
+                       for key in STUDY_METRICS}
+    return out
+
+
+def _estimate(per_seed: np.ndarray, replicates: np.ndarray, seed_draws: np.ndarray,
+              level: float) -> dict[str, Any]:
+    """The mean over seeds and its percentile interval: each replicate averages its
+    (R, S) differences over its draw of seeds."""
+    boot = np.take_along_axis(replicates, seed_draws, axis=1).mean(axis=1)
+    low, high = np.quantile(boot, ((1 - level) / 2, (1 + level) / 2))
+    return {"difference": float(per_seed.mean()), "per_seed": per_seed.tolist(),
+            "interval": [float(low), float(high)]}
 
 
 def _last_epoch_cious(run_dir: epath.Path, dataset: str, evaluator: Any, source: Any,
@@ -180,7 +235,58 @@ def margin_study(config: ml_collections.ConfigDict, margins: list[float], seeds:
     path.write_text(json.dumps(studies, indent=2))
     print(margin_table(table, dataset))
     plot(studies, workdir / "margin_study.png")
+    if {STUDY_DATASET, CLEAN_DATASET} <= set(studies):
+        print(noise_effect_table(write_noise_effect(workdir, num_resamples=num_resamples)))
     return table
+
+
+def _study_cious(workdir: epath.Path, dataset: str, table: dict) -> dict[str, list[np.ndarray]]:
+    """The per-sample last-epoch cIoU of every run of a study table, read from its run dirs."""
+    runs = workdir / dataset.replace("/", "_")
+    return {margin: [np.asarray(json.loads((runs / f"margin{margin}_seed{seed}" / LAST_EPOCH)
+                                           .read_text())["cious"])
+                     for seed in range(table["seeds"])]
+            for margin in table["margins"]}
+
+
+def write_noise_effect(workdir: str | os.PathLike, *, noisy: str = STUDY_DATASET,
+                       clean: str = CLEAN_DATASET, num_resamples: int = 2000) -> dict[str, Any]:
+    """`noise_effect` of the two studies in workdir (margin_study.json and their runs'
+    per-sample files), written to workdir/noise_effect.json and returned."""
+    workdir = as_path(workdir)
+    studies = json.loads((workdir / "margin_study.json").read_text())
+    for name in (noisy, clean):
+        if name not in studies:
+            raise ValueError(f"no {name} study in {workdir}: run sslocal study margin "
+                             f"--dataset {name} there first")
+    if studies[noisy]["num_epochs"] != studies[clean]["num_epochs"]:
+        raise ValueError(f"the {noisy} study trained {studies[noisy]['num_epochs']} epochs, "
+                         f"the {clean} one {studies[clean]['num_epochs']}: not comparable")
+    effect = noise_effect(_study_cious(workdir, noisy, studies[noisy]),
+                          _study_cious(workdir, clean, studies[clean]),
+                          f"{REFERENCE_MARGIN:+.2f}", num_resamples=num_resamples)
+    result = {"noisy": noisy, "clean": clean, "seeds": studies[noisy]["seeds"],
+              "num_epochs": studies[noisy]["num_epochs"],
+              "difference": "(noisy: margin - margin 0) - (clean: margin - margin 0), mean "
+                            "over seeds",
+              "interval": f"95% percentile bootstrap, {num_resamples} resamples: one draw of "
+                          "seeds (paired across the studies), each study's test samples drawn "
+                          "on their own",
+              "margins": effect}
+    (workdir / NOISE_EFFECT).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def noise_effect_table(result: dict[str, Any]) -> str:
+    """Markdown: per margin its difference from margin 0 under noise minus on clean data."""
+    lines = [f"{result['noisy']} minus {result['clean']}: {result['difference']} (x 100; "
+             f"{result['interval']})",
+             "| margin | cIoU@0.5 [95% interval] | AUC [95% interval] |", "| ---: | ---: | ---: |"]
+    for margin, row in result["margins"].items():
+        cells = [f"{100 * row[k]['difference']:+.2f} [{100 * row[k]['interval'][0]:+.2f}, "
+                 f"{100 * row[k]['interval'][1]:+.2f}]" for k in STUDY_METRICS]
+        lines.append(f"| {margin} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 SEED_METRICS = ("cIoU", "AUC", "mean_cIoU", "gap_cIoU", "gap_AUC")

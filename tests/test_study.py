@@ -115,6 +115,77 @@ def test_paired_differences_refuse_unpaired_runs():
                                  "+0.00")
 
 
+def test_noise_effect_on_hand_made_numbers():
+    ref = [np.array([0.4, 0.6, 0.2, 0.9]), np.array([0.5, 0.1, 0.7, 0.3])]
+    # under noise margin -0.2 lifts one sample of seed 0 over 0.5; on clean data it changes
+    # nothing; margin +0.2 changes nothing anywhere
+    noisy = {"+0.00": ref, "-0.20": [np.array([0.55, 0.6, 0.2, 0.9]), ref[1]], "+0.20": ref}
+    clean = {"+0.00": ref, "-0.20": ref, "+0.20": ref}
+    effect = study.noise_effect(noisy, clean, "+0.00", num_resamples=300)
+    assert set(effect) == {"-0.20", "+0.20"}
+    assert effect["+0.20"]["cIoU"] == {"difference": 0.0, "per_seed": [0.0, 0.0],
+                                       "interval": [0.0, 0.0]}
+    d = effect["-0.20"]["cIoU"]
+    assert d["per_seed"] == pytest.approx([0.25, 0.0]) and d["difference"] == pytest.approx(0.125)
+    assert d["interval"][0] == 0.0 and 0.125 < d["interval"][1] <= 1.0
+    # the same gain on clean data cancels it
+    assert study.noise_effect(noisy, noisy, "+0.00")["-0.20"]["AUC"]["difference"] == 0.0
+    with pytest.raises(ValueError, match="paired across them"):
+        study.noise_effect(noisy, {m: v[:1] for m, v in clean.items()}, "+0.00")
+
+
+def test_noise_effect_equals_a_loop_over_the_same_draws():
+    rng = np.random.default_rng(5)
+    seeds, n_noisy, n_clean, reps = 3, 30, 20, 25
+    noisy = {m: [rng.uniform(0, 1, n_noisy) ** p for _ in range(seeds)]
+             for m, p in (("+0.00", 1.0), ("-0.20", 0.6))}
+    clean = {m: [rng.uniform(0, 1, n_clean) ** p for _ in range(seeds)]
+             for m, p in (("+0.00", 1.0), ("-0.20", 0.9))}
+    draws = (rng.integers(0, seeds, (reps, seeds)), rng.integers(0, n_noisy, (reps, n_noisy)),
+             rng.integers(0, n_clean, (reps, n_clean)))
+    effect = study.noise_effect(noisy, clean, "+0.00", draws=draws, level=0.8)["-0.20"]
+    loop = []
+    for r in range(reps):
+        a = _loop_difference(noisy, "-0.20", "+0.00", draws[0][r], draws[1][r])
+        b = _loop_difference(clean, "-0.20", "+0.00", draws[0][r], draws[2][r])
+        loop.append({key: a[key] - b[key] for key in a})
+    for key in ("cIoU", "AUC"):
+        np.testing.assert_allclose(effect[key]["interval"],
+                                   np.quantile([x[key] for x in loop], (0.1, 0.9)), atol=1e-12)
+        point = [metrics.summarize(noisy["-0.20"][s])[key]
+                 - metrics.summarize(noisy["+0.00"][s])[key]
+                 - metrics.summarize(clean["-0.20"][s])[key]
+                 + metrics.summarize(clean["+0.00"][s])[key] for s in range(seeds)]
+        np.testing.assert_allclose(effect[key]["per_seed"], point, atol=1e-12)
+
+
+def test_write_noise_effect_reads_both_studies(tmp_path):
+    rng = np.random.default_rng(0)
+    studies, cious = {}, {}
+    for dataset, n in ((study.STUDY_DATASET, 12), (study.CLEAN_DATASET, 10)):
+        cious[dataset] = {m: [rng.uniform(0, 1, n) for _ in range(2)] for m in ("+0.00", "-0.20")}
+        studies[dataset] = {"seeds": 2, "num_epochs": 4, "margins": {"+0.00": {}, "-0.20": {}}}
+        for margin, runs in cious[dataset].items():
+            for seed, c in enumerate(runs):
+                run = tmp_path / dataset.replace("/", "_") / f"margin{margin}_seed{seed}"
+                run.mkdir(parents=True)
+                (run / study.LAST_EPOCH).write_text(json.dumps({"cious": c.tolist()}))
+    (tmp_path / "margin_study.json").write_text(json.dumps(studies))
+    result = study.write_noise_effect(tmp_path, num_resamples=40)
+    assert json.loads((tmp_path / study.NOISE_EFFECT).read_text()) == result
+    assert result["margins"] == study.noise_effect(
+        cious[study.STUDY_DATASET], cious[study.CLEAN_DATASET], "+0.00", num_resamples=40)
+    assert "-0.20" in study.noise_effect_table(result)
+    studies[study.CLEAN_DATASET]["num_epochs"] = 10
+    (tmp_path / "margin_study.json").write_text(json.dumps(studies))
+    with pytest.raises(ValueError, match="not comparable"):
+        study.write_noise_effect(tmp_path)
+    del studies[study.CLEAN_DATASET]
+    (tmp_path / "margin_study.json").write_text(json.dumps(studies))
+    with pytest.raises(ValueError, match="run sslocal study margin --dataset synthetic_av/small"):
+        study.write_noise_effect(tmp_path)
+
+
 def test_margin_study_pairs_seeds_and_reports_each_margin(tmp_path, monkeypatch):
     """The real study on synthetic_av/tiny (2 steps a run): both margins of a seed start from
     the same weights and see the same batches; the table is the runs' own numbers; the study
