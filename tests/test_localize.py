@@ -275,7 +275,7 @@ def test_errors_are_one_line_without_traceback(reference, clip_files, tmp_path):
 
 # ---------------------------------------------------------------- a briefly trained model
 
-TRAIN_PRESET = "small"  # 112 px: a 4 x 4 response map, so the peak can say where
+TRAIN_PRESET = "small"  # 112 px: a 7 x 7 response map (the demo config), so the peak can say where
 TRAIN_SCENES, TRAIN_STEPS = 1024, 800
 
 

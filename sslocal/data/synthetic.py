@@ -79,7 +79,7 @@ class SceneConfig:
 PRESETS = {
     # Unit tests: a handful of categories, 64 px.
     "tiny": SceneConfig(num_categories=4, image_size=64, max_objects=2),
-    # The CPU demo: 112 px gives a 4 x 4 map from a stride-32 ResNet.
+    # The CPU demo: 112 px frames (a 7 x 7 map from the demo's stride-16 image tower).
     "small": SceneConfig(num_categories=16, image_size=112),
     # The margin study (sslocal study margin): "small" with noisy correspondence in training.
     # offscreen_prob 0.2: a fifth of the training clips sound from a category not in view (faulty
