@@ -78,7 +78,7 @@ def test_paired_differences_on_hand_made_numbers():
     table = study.paired_differences({"+0.00": ref, "-0.20": better}, "+0.00",
                                      num_resamples=500)
     assert table["+0.00"]["cIoU"] == {"difference": 0.0, "per_seed": [0.0, 0.0],
-                                      "interval": [0.0, 0.0]}
+                                      "interval": [0.0, 0.0], "t_interval": [0.0, 0.0]}
     d = table["-0.20"]["cIoU"]
     assert d["per_seed"] == pytest.approx([0.25, 0.0]) and d["difference"] == pytest.approx(0.125)
     # AUC: 0.4 -> 0.55 moves that sample past the thresholds 0.45, 0.5 and 0.55 (3 of the 21
@@ -88,6 +88,9 @@ def test_paired_differences_on_hand_made_numbers():
     # Half the resamples show no difference (seed 1 twice, or seed 0 without that sample):
     # the interval starts at 0, and one seed's gain cannot exclude it
     assert low == 0.0 and 0.125 < high <= 1.0
+    # paired t over the 2 seeds: 0.125 +- t(1, 0.975) * sd / sqrt(2), t(1, 0.975) = 12.7062
+    half = 12.7062 * np.std([0.25, 0.0], ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(d["t_interval"], [0.125 - half, 0.125 + half], rtol=1e-5)
 
 
 def test_paired_differences_equal_a_loop_over_the_same_draws():
@@ -124,7 +127,7 @@ def test_noise_effect_on_hand_made_numbers():
     effect = study.noise_effect(noisy, clean, "+0.00", num_resamples=300)
     assert set(effect) == {"-0.20", "+0.20"}
     assert effect["+0.20"]["cIoU"] == {"difference": 0.0, "per_seed": [0.0, 0.0],
-                                       "interval": [0.0, 0.0]}
+                                       "interval": [0.0, 0.0], "t_interval": [0.0, 0.0]}
     d = effect["-0.20"]["cIoU"]
     assert d["per_seed"] == pytest.approx([0.25, 0.0]) and d["difference"] == pytest.approx(0.125)
     assert d["interval"][0] == 0.0 and 0.125 < d["interval"][1] <= 1.0
@@ -157,6 +160,10 @@ def test_noise_effect_equals_a_loop_over_the_same_draws():
                  - metrics.summarize(clean["-0.20"][s])[key]
                  + metrics.summarize(clean["+0.00"][s])[key] for s in range(seeds)]
         np.testing.assert_allclose(effect[key]["per_seed"], point, atol=1e-12)
+        # 80% paired t over 3 seeds: t(2, 0.9) = 1.8856
+        half = 1.8856 * np.std(point, ddof=1) / np.sqrt(seeds)
+        np.testing.assert_allclose(effect[key]["t_interval"],
+                                   [np.mean(point) - half, np.mean(point) + half], rtol=1e-4)
 
 
 def test_write_noise_effect_reads_both_studies(tmp_path):
