@@ -10,12 +10,12 @@ Why it differs from the paper: 112 px frames with the image tower's last stage a
 give a 7 x 7 response map (stride 32 would give 4 x 4, too coarse to localize well); the
 spectrogram is average-pooled 2 x 2 before the audio tower (4x cheaper); narrow towers (width 16,
 D 128) trained from scratch (no ImageNet weights exist for synthetic scenes); a larger learning
-rate with a cosine decay and a smaller batch for the short budget.
+rate with warm-up and a cosine decay, and a smaller batch, for the short budget.
 
 Differs from default.py in: train_dataset, test_datasets, image_size, model.width,
 model.embed_dim, model.image_pretrained, model.image_stride, model.audio_pool, batch_size,
-eval_batch_size, learning_rate, lr_schedule, num_epochs, log_every_steps, checkpoint_every_steps,
-eval.report, eval.baselines.
+eval_batch_size, learning_rate, lr_schedule, warmup_steps, num_epochs, log_every_steps,
+checkpoint_every_steps, eval.report, eval.baselines.
 """
 
 from configs import default
@@ -33,10 +33,13 @@ def get_config():
     config.model.audio_pool = 2  # 129 x 100 spectrograms: the audio tower costs 4x less
     config.batch_size = 64
     config.eval_batch_size = 64
-    config.learning_rate = 1e-3
+    # Chosen on 512 held-out validation scenes (README, "What it gives"), not the test split:
+    # 3e-3 after 2 epochs of warm-up beat 1e-3 (no warm-up), 2e-3 (1 epoch) and 5e-3 (2 epochs).
+    config.learning_rate = 3e-3
     # Cosine decay to 0 over the 10 epochs: the last epoch is the best and stable (a constant
     # rate left the last epochs swinging by several points from one processor to another).
     config.lr_schedule = "cosine"
+    config.warmup_steps = 128  # 2 epochs of 64 steps
     config.num_epochs = 10
     config.log_every_steps = 16
     config.checkpoint_every_steps = 64

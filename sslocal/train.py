@@ -57,7 +57,8 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps: int | None = N
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, not {schedule!r}")
     if total_steps is None or total_steps <= config.warmup_steps:
         raise ValueError(f"a cosine schedule needs more steps ({total_steps}) than its "
-                         f"warm-up (warmup_steps={config.warmup_steps})")
+                         f"warm-up (warmup_steps={config.warmup_steps}): for a run this short "
+                         "lower --config.warmup_steps (0: none)")
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
         decay_steps=total_steps, end_value=0.0)

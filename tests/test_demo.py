@@ -19,6 +19,7 @@ def test_demo_config_through_the_cli(tmp_path):
         "--config.train_dataset=synthetic_av/tiny", "--config.test_datasets=('synthetic_av/tiny',)",
         "--config.image_size=64", "--config.model.width=8", "--config.model.embed_dim=16",
         "--config.batch_size=16", "--config.eval_batch_size=16", "--config.max_steps=5",
+        "--config.warmup_steps=2",  # the demo's 128 need a longer run
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]

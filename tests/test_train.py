@@ -152,11 +152,18 @@ def test_demo_schedule_decays_to_zero():
 
     config = synthetic.get_config()
     total = config.num_epochs * (4096 // config.batch_size)
+    warm = config.warmup_steps
+    assert 0 < warm < total // 2
     schedule = train.learning_rate(config, total)
     rates = np.array([float(schedule(s)) for s in range(total + 1)])
-    assert rates[0] == pytest.approx(config.learning_rate)
-    assert np.all(np.diff(rates) <= 0) and rates[-1] == pytest.approx(0.0, abs=1e-12)
-    assert rates[total // 2] == pytest.approx(config.learning_rate / 2, rel=1e-3)
+    # float64 reference: linear warm-up from 0, then half a cosine down to 0 at the last step
+    steps = np.arange(total + 1, dtype=np.float64)
+    expected = np.where(steps < warm, config.learning_rate * steps / warm,
+                        config.learning_rate * 0.5 * (1 + np.cos(
+                            np.pi * np.clip(steps - warm, 0, None) / (total - warm))))
+    np.testing.assert_allclose(rates, expected, rtol=1e-5, atol=1e-6 * config.learning_rate)
+    assert rates[0] == 0.0 and rates[warm] == pytest.approx(config.learning_rate)
+    assert np.all(np.diff(rates[warm:]) <= 0) and rates[-1] == pytest.approx(0.0, abs=1e-12)
     config.warmup_steps = 10
     warm = train.learning_rate(config, total)
     assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(config.learning_rate / 2)
