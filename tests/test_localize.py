@@ -292,7 +292,8 @@ def trained(tmp_path_factory):
     start = time.perf_counter()
     builders.get_builder(f"synthetic_av/{TRAIN_PRESET}", data_dir=root / "data",
                          num_train=TRAIN_SCENES, num_test=32).download_and_prepare()
-    overrides = {"data_dir": root / "data",
+    overrides = {"data_dir": root / "data", "train_dataset": f"synthetic_av/{TRAIN_PRESET}",
+                 "test_datasets": f"('synthetic_av/{TRAIN_PRESET}',)",
                  "image_size": synthetic.PRESETS[TRAIN_PRESET].image_size,
                  "model.width": WIDTH, "model.embed_dim": 32, "batch_size": 16,
                  "eval_batch_size": 16, "learning_rate": 1e-3, "lr_schedule": "constant",

@@ -677,7 +677,7 @@ def test_preempted_train_command_exits_143(tmp_path):
     assert preempted.returncode == 143, preempted.stderr[-3000:]
     assert "SIGTERM: stopped after step 7 with its checkpoint saved" in preempted.stderr
     finished = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300,
-                              env=_env(RESULT='{"synthetic_av/small": {"cIoU": 0.5}}'))
+                              env=_env(RESULT='{"synthetic_av/demo": {"cIoU": 0.5}}'))
     assert finished.returncode == 0, finished.stderr[-3000:]
 
 

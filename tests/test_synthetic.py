@@ -32,6 +32,20 @@ def test_presets():
     assert syn.PRESETS["full"].image_size == 224
 
 
+def test_the_demo_preset_extends_small():
+    """The Quick start's scenes are "small"'s (the margin study's clean comparison): the same
+    test split, so the same baselines, and a training split twice as long whose first half is
+    small's."""
+    from sslocal.data.builders import synthetic_av
+
+    for split in ("train", "test"):
+        assert (synthetic_av.scene_config("demo", split)
+                == synthetic_av.scene_config("small", split))
+    (demo_train, demo_test), (small_train, small_test) = (
+        synthetic_av.SPLIT_SIZES["demo"], synthetic_av.SPLIT_SIZES["small"])
+    assert demo_test == small_test and demo_train == 2 * small_train
+
+
 def test_deterministic_and_indices_differ():
     a = syn.make_scene(TINY, 3)
     _assert_same(a, syn.make_scene(TINY, 3))

@@ -149,9 +149,11 @@ def test_constant_schedule_is_the_papers_optimizer():
 
 def test_demo_schedule_decays_to_zero():
     from configs import synthetic
+    from sslocal.data.builders import synthetic_av
 
     config = synthetic.get_config()
-    total = config.num_epochs * (4096 // config.batch_size)
+    num_train = synthetic_av.SPLIT_SIZES[config.train_dataset.split("/")[1]][0]
+    total = config.num_epochs * (num_train // config.batch_size)
     warm = config.warmup_steps
     assert 0 < warm < total // 2
     schedule = train.learning_rate(config, total)

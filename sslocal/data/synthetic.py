@@ -79,8 +79,13 @@ class SceneConfig:
 PRESETS = {
     # Unit tests: a handful of categories, 64 px.
     "tiny": SceneConfig(num_categories=4, image_size=64, max_objects=2),
-    # The CPU demo: 112 px frames (a 7 x 7 map from the demo's stride-16 image tower).
+    # The margin study's clean scenes (and the demo's before it took "demo"): 112 px frames
+    # (a 7 x 7 map from the demo config's stride-16 image tower).
     "small": SceneConfig(num_categories=16, image_size=112),
+    # The Quick start (configs/synthetic.py): "small"'s scenes, twice as many for training
+    # (builders/synthetic_av.SPLIT_SIZES); its first 4,096 training scenes and its test split
+    # are "small"'s own.
+    "demo": SceneConfig(num_categories=16, image_size=112),
     # The margin study (sslocal study margin): "small" with noisy correspondence in training.
     # offscreen_prob 0.2: a fifth of the training clips sound from a category not in view (faulty
     # positives). repeat_prob 0.5: half of the clips take their sound from the 4 frequent

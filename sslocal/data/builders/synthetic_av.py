@@ -20,7 +20,8 @@ from sslocal.data.builders import _clips
 from sslocal.data.builders.base import AVBuilder, AVConfig
 
 # Scenes per split of each preset: (train, test).
-SPLIT_SIZES = {"tiny": (64, 16), "small": (4096, 512), "noisy": (4096, 512), "full": (10000, 1000)}
+SPLIT_SIZES = {"tiny": (64, 16), "small": (4096, 512), "demo": (8192, 512), "noisy": (4096, 512),
+               "full": (10000, 1000)}
 TEST_SEED_OFFSET = 1  # the test split draws its scenes with seed + 1, the same categories
 
 
