@@ -274,6 +274,18 @@ def write_noise_effect(workdir: str | os.PathLike, *, noisy: str = STUDY_DATASET
     if studies[noisy]["num_epochs"] != studies[clean]["num_epochs"]:
         raise ValueError(f"the {noisy} study trained {studies[noisy]['num_epochs']} epochs, "
                          f"the {clean} one {studies[clean]['num_epochs']}: not comparable")
+    # Every other training field must agree too (a clean study run at another learning rate
+    # would otherwise be compared silently): the margin-0 seed-0 runs' config.json, which
+    # differ only in their datasets.
+    configs = [json.loads((workdir / name.replace("/", "_")
+                           / f"margin{REFERENCE_MARGIN:+.2f}_seed0" / "config.json").read_text())
+               for name in (noisy, clean)]
+    differing = sorted(key for key in set(configs[0]) | set(configs[1])
+                       if key not in ("train_dataset", "test_datasets")
+                       and configs[0].get(key) != configs[1].get(key))
+    if differing:
+        raise ValueError(f"the {noisy} and {clean} studies were trained with different "
+                         f"{', '.join(differing)}: not comparable")
     effect = noise_effect(_study_cious(workdir, noisy, studies[noisy]),
                           _study_cious(workdir, clean, studies[clean]),
                           f"{REFERENCE_MARGIN:+.2f}", num_resamples=num_resamples)

@@ -177,12 +177,19 @@ def test_write_noise_effect_reads_both_studies(tmp_path):
                 run = tmp_path / dataset.replace("/", "_") / f"margin{margin}_seed{seed}"
                 run.mkdir(parents=True)
                 (run / study.LAST_EPOCH).write_text(json.dumps({"cious": c.tolist()}))
+                (run / "config.json").write_text(json.dumps(
+                    {"train_dataset": dataset, "learning_rate": 1e-3, "margin": float(margin)}))
     (tmp_path / "margin_study.json").write_text(json.dumps(studies))
     result = study.write_noise_effect(tmp_path, num_resamples=40)
     assert json.loads((tmp_path / study.NOISE_EFFECT).read_text()) == result
     assert result["margins"] == study.noise_effect(
         cious[study.STUDY_DATASET], cious[study.CLEAN_DATASET], "+0.00", num_resamples=40)
     assert "-0.20" in study.noise_effect_table(result)
+    clean_run = tmp_path / "synthetic_av_small" / "margin+0.00_seed0" / "config.json"
+    clean_run.write_text(json.dumps({"train_dataset": study.CLEAN_DATASET,
+                                     "learning_rate": 3e-3, "margin": 0.0}))
+    with pytest.raises(ValueError, match="different learning_rate: not comparable"):
+        study.write_noise_effect(tmp_path)
     studies[study.CLEAN_DATASET]["num_epochs"] = 10
     (tmp_path / "margin_study.json").write_text(json.dumps(studies))
     with pytest.raises(ValueError, match="not comparable"):
